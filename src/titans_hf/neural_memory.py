@@ -1,0 +1,1012 @@
+# Copyright 2026 The titans-hf developers. Licensed under the Apache License, Version 2.0.
+"""Neural long-term memory of Titans (Behrouz, Zhong, Mirrokni 2024, §3.1), in exact chunked parallel form.
+
+The memory is a small MLP ``M`` per head whose weights are a recurrent state, trained while reading by gradient
+descent with momentum and forgetting on the associative loss ``||M(k_t) - v_t||^2`` (paper eq. 12-14):
+
+    S_t = eta_t * S_{t-1} - theta_t * grad l(W_{t-1}; k_t, v_t)        (momentum, "surprise")
+    W_t = (1 - alpha_t) * W_{t-1} + S_t                                 (forgetting)
+    y_t = M_{W_t}(q_t)                                                  (retrieval, eq. 15)
+
+Inside a chunk of ``chunk_size`` tokens every gradient is taken at the chunk-start weights (mini-batch gradient
+descent, paper §3.2). The outputs of a whole chunk then have a closed (dual) form that never materialises per-token
+weights; see :func:`chunk_update` and ``DESIGN.md`` §2. ``chunk_size=1`` is exact online gradient descent.
+
+This file is a flat sibling of ``modeling_titans.py`` and imports nothing from the package, so that it travels with
+saved checkpoints for ``trust_remote_code`` loading.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ChunkCoefficients",
+    "ChunkFunction",
+    "NeuralMemory",
+    "NeuralMemoryState",
+    "chunk_forward",
+    "chunk_update",
+    "compaction_order",
+    "segsum",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Small functional pieces
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """Segment sums of ``x`` (..., C): ``out[..., i, j] = sum_{j < t <= i} x_t`` for ``j <= i`` and ``-inf`` above.
+
+    Computed with a masked cumulative sum rather than a difference of cumulative sums, so that ratios of long products
+    keep full precision; the upper triangle is ``-inf`` *before* any ``exp`` (``0 * inf`` would be ``nan`` in backward).
+    """
+    size = x.shape[-1]
+    strictly_lower = torch.ones(size, size, dtype=torch.bool, device=x.device).tril(-1)
+    lower = torch.ones(size, size, dtype=torch.bool, device=x.device).tril()
+    terms = x.unsqueeze(-1).expand(*x.shape, size).masked_fill(~strictly_lower, 0.0)  # [..., t, j] = x_t if t > j
+    return terms.cumsum(dim=-2).masked_fill(~lower, -math.inf)
+
+
+def compaction_order(valid: torch.Tensor) -> torch.Tensor:
+    """Per row, the indices that move the ``valid`` positions to the front in their original order (a stable sort)."""
+    return torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+
+
+def _gather_time(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.gather(dim, index)`` with ``index`` (batch, length) broadcast over every other dimension of ``x``."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = index.shape
+    expanded = list(x.shape)
+    expanded[dim] = index.shape[1]
+    return x.gather(dim, index.view(shape).expand(expanded))
+
+
+def _compact(
+    hidden_states: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Moves each sequence's real tokens to the front (pads become zero rows at the end).
+
+    Returns ``(x, counts, order)``; ``counts`` and ``order`` are ``None`` when every token is real.
+    """
+    if mask is None or bool(mask.to(torch.bool).all()):
+        return hidden_states, None, None
+    valid = mask.to(torch.bool)
+    order = compaction_order(valid)
+    counts = valid.sum(dim=1)
+    x = _gather_time(hidden_states, order, dim=1)
+    return x.masked_fill(~_real_rows(counts, x.shape[1]).unsqueeze(-1), 0.0), counts, order
+
+
+def _restore(out: torch.Tensor, counts: torch.Tensor | None, order: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`_compact`: rows back to their original positions, zeros at pads."""
+    if order is None:
+        return out
+    out = out.masked_fill(~_real_rows(counts, out.shape[1]).unsqueeze(-1), 0.0)
+    return torch.zeros_like(out).scatter(1, order.unsqueeze(-1).expand_as(out), out)
+
+
+def _real_rows(counts: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.arange(length, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+
+
+def _pad_time(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pads dimension 2 (time, after batch and heads) of ``x`` up to ``length``."""
+    missing = length - x.shape[2]
+    if missing == 0:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 3) + (0, missing))
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _where_batch(condition: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``torch.where`` with a per-sample ``condition`` (batch,) broadcast over the other dimensions."""
+    return torch.where(condition.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The memory MLP: forward, hand-written inner backward, and the chunked closed form
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def memory_mlp(weights: list[torch.Tensor], z: torch.Tensor, residual: bool) -> torch.Tensor:
+    """Plain forward of the memory ``M_W(z)``: ``z W_1 -> GELU -> ... -> W_L`` (+ ``z`` when ``residual``).
+
+    ``weights[l]`` is (batch, heads, d_in, d_out) and ``z`` (batch, heads, length, d).
+    """
+    a = z
+    for layer, w in enumerate(weights):
+        a = a @ w
+        if layer < len(weights) - 1:
+            a = F.gelu(a)
+    return a + z if residual else a
+
+
+def memory_errors(
+    weights: list[torch.Tensor], keys: torch.Tensor, targets: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Inner backward of ``l = ||M_W(k) - v||^2`` (eq. 12) at fixed ``W``, written by hand.
+
+    ``targets`` is what the MLP part of the memory must produce: ``v``, or ``v - k`` for the residual memory
+    ``M(k) = k + MLP(k)``. With ``abar_0 = k``, ``pbar_l = abar_l W_l`` and ``abar_{l+1} = GELU(pbar_l)``, returns:
+
+    - ``inputs``: ``abar_l``, the input of every layer;
+    - ``pre_activations``: ``pbar_l`` of every layer but the last;
+    - ``errors``: ``e_l = delta_{l+1} W_{l+1}^T`` of every layer but the last;
+    - ``deltas``: ``delta_l`` (half the loss gradient with respect to ``pbar_l``), so that the per-token gradient of
+      layer ``l`` is the rank-one ``2 abar_l^T delta_l``.
+    """
+    inputs, pre_activations = [keys], []
+    a = keys
+    for layer, w in enumerate(weights):
+        p = a @ w
+        if layer < len(weights) - 1:
+            pre_activations.append(p)
+            a = F.gelu(p)
+            inputs.append(a)
+    delta = p - targets
+    deltas, errors = [delta], []
+    for layer in range(len(weights) - 1, 0, -1):
+        error = delta @ weights[layer].transpose(-1, -2)
+        delta = torch.ops.aten.gelu_backward(error, pre_activations[layer - 1])
+        errors.append(error)
+        deltas.append(delta)
+    return inputs, pre_activations, errors[::-1], deltas[::-1]
+
+
+@dataclass
+class ChunkCoefficients:
+    """The scalars of the closed form for one or more chunks (leading dims: batch, heads[, chunks]).
+
+    The memory state of a layer is the stack ``[W; S]`` of its fast weights and momentum (``[W]`` without momentum,
+    ``s`` = 2 or 1 slots). With ``r = 1 - alpha`` and ``eta`` local to a chunk of ``C`` tokens,
+    ``beta_i = prod_{l<=i} r_l``, ``m_i = prod_{l<=i} eta_l``, ``f_i = sum_{l<=i} (beta_i/beta_l) m_l`` and
+    ``G_ij = theta_j sum_{l=j..i} (beta_i/beta_l)(m_l/m_j)`` (``j <= i``), token ``i`` reads with
+    ``W_i = beta_i W0 + f_i S0 - 2 sum_j G_ij u_j`` (``u_j = abar_j^T delta_j``, half its loss gradient at ``W0``):
+
+    - ``read`` (..., C, s): ``[beta_i, f_i]``, the weights of ``[W0, S0]`` in ``W_i``;
+    - ``gain`` (..., C, C): ``-2 G_ij``;
+    - ``write`` (..., C, s): ``[-2 G_Cj, -2 theta_j m_C / m_j]``, the weights of ``u_j`` in ``[W_C, S_C]``;
+    - ``transition`` (..., s, s): ``[[beta_C, f_C], [0, m_C]]``, so that ``[W_C; S_C] = transition [W0; S0] + ...``.
+    """
+
+    read: torch.Tensor
+    gain: torch.Tensor
+    write: torch.Tensor
+    transition: torch.Tensor
+
+    @classmethod
+    def from_gates(
+        cls, lr: torch.Tensor, log_momentum: torch.Tensor | None, log_retention: torch.Tensor
+    ) -> ChunkCoefficients:
+        """From per-token gates ``theta``, ``log eta``, ``log r`` (..., C), as exp of segment sums of logs."""
+        retention_decay = torch.exp(segsum(log_retention))  # beta_i / beta_l for l <= i, else 0
+        beta = torch.exp(torch.cumsum(log_retention, dim=-1))
+        step = (-2.0 * lr).unsqueeze(-2)
+        if log_momentum is None:
+            gain = retention_decay * step
+            read = beta.unsqueeze(-1)
+            write = gain[..., -1, :].unsqueeze(-1)
+            transition = beta[..., -1:, None]
+        else:
+            momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
+            m = torch.exp(torch.cumsum(log_momentum, dim=-1))
+            gain = (retention_decay @ momentum_decay) * step
+            f = (retention_decay @ m.unsqueeze(-1)).squeeze(-1)
+            read = torch.stack([beta, f], dim=-1)
+            write = torch.stack([gain[..., -1, :], momentum_decay[..., -1, :] * step.squeeze(-2)], dim=-1)
+            zero = torch.zeros_like(m[..., -1])
+            transition = torch.stack(
+                [torch.stack([beta[..., -1], f[..., -1]], -1), torch.stack([zero, m[..., -1]], -1)], dim=-2
+            )
+        return cls(read, gain, write, transition)
+
+    def unbind(self, dim: int) -> list[ChunkCoefficients]:
+        """Splits chunk-stacked coefficients into one per chunk."""
+        parts = [getattr(self, field.name).unbind(dim) for field in fields(self)]
+        return [ChunkCoefficients(*chunk) for chunk in zip(*parts)]
+
+
+def chunk_forward(
+    states: list[torch.Tensor],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    coefficients: ChunkCoefficients,
+) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
+    """One chunk of the memory in closed form (DESIGN.md §2): read every token, and carry the state past the chunk.
+
+    Args:
+        states: chunk-start state of each memory layer, the stack ``[W0; S0]`` (or ``[W0]`` without momentum) of
+            shape (batch, heads, s, d_in, d_out).
+        queries, keys: (batch, heads, chunk, head_dim).
+        targets: what the memory MLP must map the keys to (see :func:`memory_errors`), (batch, heads, chunk, head_dim).
+        coefficients: the chunk's :class:`ChunkCoefficients`.
+
+    Each layer's per-token gradient is rank one, so the pre-activation of layer ``l`` for query ``i`` is
+    ``beta_i a_i W0 + f_i a_i S0 - 2 sum_j G_ij (a_i . abar_j) delta_j`` (``a``: query-side input of the layer,
+    ``abar, delta``: key-side input and error at ``W0``), and no per-token weight is ever formed.
+
+    Plain differentiable torch: autograd through it is the reference for :class:`ChunkFunction`'s hand-written
+    backward. Returns the MLP part of the reads (batch, heads, chunk, head_dim), the state after the chunk's last
+    token, and the intermediates that backward needs.
+    """
+    c = coefficients
+    inputs, key_pre, errors, deltas = memory_errors([state[:, :, 0] for state in states], keys, targets)
+
+    a, query_pre = queries, []
+    for layer, (state, abar, delta) in enumerate(zip(states, inputs, deltas)):
+        scores = (a @ abar.transpose(-1, -2)) * c.gain
+        scaled = (a.unsqueeze(-2) * c.read.unsqueeze(-1)).flatten(-2)  # [beta a | f a]
+        p = _baddbmm(scores @ delta, scaled, state.flatten(-3, -2))
+        if layer < len(states) - 1:
+            query_pre.append(p)
+            a = F.gelu(p)
+        else:
+            a = p
+
+    new_states = []
+    for state, abar, delta in zip(states, inputs, deltas):
+        slots, d_in, d_out = state.shape[-3:]
+        carried = (c.transition @ state.flatten(-2)).view_as(state)
+        # [W_C; S_C] += abar^T (write_s * delta), all slots in one matmul: (d_in, C) @ (C, s * d_out).
+        scaled_errors = (delta.unsqueeze(-2) * c.write.unsqueeze(-1)).flatten(-2)
+        written = (abar.transpose(-1, -2) @ scaled_errors).unflatten(-1, (slots, d_out)).transpose(-2, -3)
+        new_states.append(carried + written)
+    return a, new_states, (key_pre, deltas[-1], query_pre)
+
+
+def _gelu_second_derivative(x: torch.Tensor) -> torch.Tensor:
+    """``GELU''(x) = phi(x) (2 - x^2)`` with ``phi`` the standard normal density."""
+    return torch.exp(-0.5 * x * x) * (2.0 - x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+class ChunkFunction(torch.autograd.Function):
+    """:func:`chunk_forward` with a hand-written backward.
+
+    It saves only the chunk's inputs and the queries' pre-activations (recomputing the keys' side, errors and
+    similarities in backward), and fuses what autograd would spread over many small ops: it is equal to autograd through
+    :func:`chunk_forward` (``tests/test_neural_memory.py`` checks it in float64) with about a third of the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, targets, read, gain, write, transition, *states):
+        coefficients = ChunkCoefficients(read, gain, write, transition)
+        reads, new_states, (_, last_delta, query_pre) = chunk_forward(
+            list(states), queries, keys, targets, coefficients
+        )
+        ctx.depth = len(states)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(queries, keys, read, gain, write, transition, last_delta, *states, *query_pre)
+        return (reads, *new_states)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_reads, *grad_states):
+        depth = ctx.depth
+        queries, keys, read, gain, write, transition, last_delta, *rest = ctx.saved_tensors
+        states, query_pre = rest[:depth], rest[depth:]
+        gelu_backward = torch.ops.aten.gelu_backward
+
+        # Recompute the cheap intermediates of the forward pass: the keys' side, errors and similarities.
+        weights = [state[:, :, 0] for state in states]
+        abars, key_pre = [keys], []
+        for w in weights[:-1]:
+            key_pre.append(abars[-1] @ w)
+            abars.append(F.gelu(key_pre[-1]))
+        deltas, errors = [last_delta], []
+        for layer in range(depth - 2, -1, -1):
+            errors.append(deltas[0] @ weights[layer + 1].transpose(-1, -2))
+            deltas.insert(0, gelu_backward(errors[-1], key_pre[layer]))
+        errors = errors[::-1]
+        query_inputs = [queries] + [F.gelu(p) for p in query_pre]
+        slot_writes = write.unsqueeze(-1)  # (..., C, s, 1)
+
+        d_states: list[torch.Tensor | None] = [None] * depth
+        d_abars: list[torch.Tensor | None] = [None] * depth
+        d_deltas: list[torch.Tensor | None] = [None] * depth
+        d_read = d_gain = d_write = d_transition = d_queries = None
+
+        # Reads: p_l = [read * a_l] @ state_l + (similarity_l * gain) @ delta_l, a_{l+1} = GELU(p_l).
+        d_p = grad_reads
+        for layer in reversed(range(depth)):
+            if d_p is None:
+                break
+            state, a = states[layer], query_inputs[layer]
+            slots, d_in, d_out = state.shape[-3:]
+            scaled = (a.unsqueeze(-2) * read.unsqueeze(-1)).flatten(-2)
+            d_states[layer] = (scaled.transpose(-1, -2) @ d_p).view_as(state)
+            d_scaled = (d_p @ state.flatten(-3, -2).transpose(-1, -2)).unflatten(-1, (slots, d_in))
+            d_read = _accumulate(d_read, (d_scaled * a.unsqueeze(-2)).sum(-1))
+            similarity = a @ abars[layer].transpose(-1, -2)
+            d_scores = d_p @ deltas[layer].transpose(-1, -2)
+            d_gain = _accumulate(d_gain, d_scores * similarity)
+            d_similarity = d_scores * gain
+            d_deltas[layer] = (similarity * gain).transpose(-1, -2) @ d_p
+            d_abars[layer] = d_similarity.transpose(-1, -2) @ a
+            d_a = _baddbmm((d_scaled * read.unsqueeze(-1)).sum(-2), d_similarity, abars[layer])
+            if layer > 0:
+                d_p = gelu_backward(d_a, query_pre[layer - 1])
+            else:
+                d_queries = d_a
+
+        # Carry: new_state = transition @ state + abar^T (write_s * delta).
+        for layer, (state, grad) in enumerate(zip(states, grad_states)):
+            if grad is None:
+                continue
+            slots, d_in, d_out = state.shape[-3:]
+            d_states[layer] = _accumulate(
+                d_states[layer], (transition.transpose(-1, -2) @ grad.flatten(-2)).view_as(state)
+            )
+            d_transition = _accumulate(d_transition, grad.flatten(-2) @ state.flatten(-2).transpose(-1, -2))
+            grad_written = grad.transpose(-2, -3).flatten(-2)  # (..., d_in, s * d_out)
+            scaled_errors = (deltas[layer].unsqueeze(-2) * slot_writes).flatten(-2)
+            d_abars[layer] = _accumulate(d_abars[layer], scaled_errors @ grad_written.transpose(-1, -2))
+            d_scaled = (abars[layer] @ grad_written).unflatten(-1, (slots, d_out))
+            d_deltas[layer] = _accumulate(d_deltas[layer], (d_scaled * slot_writes).sum(-2))
+            d_write = _accumulate(d_write, (d_scaled * deltas[layer].unsqueeze(-2)).sum(-1))
+
+        # Key side: d_weights[l] is the gradient of W_l = state_l[:, :, 0] through the keys' forward and errors.
+        d_weights: list[torch.Tensor | None] = [None] * depth
+        # Errors: delta_l = GELU'(pbar_l) * e_l with e_l = delta_{l+1} W_{l+1}^T.
+        d_key_pre: list[torch.Tensor | None] = [None] * (depth - 1)
+        for layer in range(depth - 1):
+            if d_deltas[layer] is None:
+                continue
+            d_error = gelu_backward(d_deltas[layer], key_pre[layer])
+            d_key_pre[layer] = d_deltas[layer] * errors[layer] * _gelu_second_derivative(key_pre[layer])
+            d_deltas[layer + 1] = _accumulate(d_deltas[layer + 1], d_error @ weights[layer + 1])
+            d_weights[layer + 1] = d_error.transpose(-1, -2) @ deltas[layer + 1]
+        # Forward: delta_{L-1} = pbar_{L-1} - targets, pbar_l = abar_l W_l, abar_{l+1} = GELU(pbar_l).
+        d_targets = None if d_deltas[-1] is None else -d_deltas[-1]
+        d_pbar = d_deltas[-1]
+        for layer in reversed(range(depth)):
+            if layer < depth - 1:
+                d_pbar = d_key_pre[layer]
+                if d_abars[layer + 1] is not None:
+                    d_pbar = _accumulate(d_pbar, gelu_backward(d_abars[layer + 1], key_pre[layer]))
+            if d_pbar is None:
+                continue
+            d_weights[layer] = _accumulate(d_weights[layer], abars[layer].transpose(-1, -2) @ d_pbar)
+            d_abars[layer] = _accumulate(d_abars[layer], d_pbar @ weights[layer].transpose(-1, -2))
+        for layer, d_weight in enumerate(d_weights):
+            if d_weight is not None:
+                if d_states[layer] is None:
+                    d_states[layer] = torch.zeros_like(states[layer])
+                d_states[layer][:, :, 0] += d_weight
+        return (d_queries, d_abars[0], d_targets, d_read, d_gain, d_write, d_transition, *d_states)
+
+
+class CausalConvSiLU(torch.autograd.Function):
+    """``SiLU(depthwise causal conv)`` of ``padded`` (batch, kernel - 1 + length, channels) with ``weight``
+    (channels, kernel): ``out_t = SiLU(sum_i weight[:, i] * padded[t + i])``.
+
+    A sum of shifted copies (faster than ``conv1d`` on CPU here); the backward recomputes the convolution instead of
+    saving it and avoids the full-size zero gradients that slicing would create, one per tap.
+    """
+
+    @staticmethod
+    def _conv(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        length = padded.shape[1] - weight.shape[1] + 1
+        out = padded[:, :length] * weight[:, 0]
+        for i in range(1, weight.shape[1]):
+            out.addcmul_(padded[:, i : i + length], weight[:, i])
+        return out
+
+    @staticmethod
+    def forward(ctx, padded, weight):
+        ctx.save_for_backward(padded, weight)
+        return F.silu(CausalConvSiLU._conv(padded, weight))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        padded, weight = ctx.saved_tensors
+        grad = torch.ops.aten.silu_backward(grad, CausalConvSiLU._conv(padded, weight))
+        length = grad.shape[1]
+        d_padded = torch.zeros_like(padded)
+        d_weight = torch.empty_like(weight)
+        for i in range(weight.shape[1]):
+            d_padded[:, i : i + length].addcmul_(grad, weight[:, i])
+            d_weight[:, i] = (grad * padded[:, i : i + length]).sum(dim=(0, 1))
+        return d_padded, d_weight
+
+
+def chunk_update(
+    states: list[torch.Tensor],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    coefficients: ChunkCoefficients,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`chunk_forward` without its intermediates, through :class:`ChunkFunction` when gradients are needed."""
+    c = coefficients
+    inputs = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *states)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        reads, *new_states = ChunkFunction.apply(*inputs)
+        return reads, new_states
+    reads, new_states, _ = chunk_forward(states, queries, keys, targets, c)
+    return reads, new_states
+
+
+def _baddbmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` in one call, for (batch, heads, ...) operands."""
+    batch, heads = acc.shape[:2]
+    return torch.baddbmm(acc.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1)).view(batch, heads, *acc.shape[2:])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Streaming state
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeuralMemoryState:
+    """Everything the memory needs to continue a stream exactly, for a batch of independent sequences.
+
+    Attributes:
+        weights: fast weights at the last chunk boundary, one (batch, heads, d_in, d_out) tensor per memory layer
+            (float32, or float64 when the module runs in float64).
+        momentum: momentum ``S`` at the last chunk boundary (same shapes), or ``None`` when momentum is disabled.
+        conv: the last ``conv_kernel - 1`` projected (pre-convolution) ``q|k|v`` rows of real tokens,
+            (batch, conv_kernel - 1, 3 * heads * head_dim); ``None`` without convolution.
+        keys, values: the tokens of the unfinished chunk, (batch, heads, chunk_size - 1, head_dim): the last
+            ``seen % chunk_size`` slots hold them (right-aligned), the others are zero.
+        lr, log_momentum, log_retention: their gates, (batch, heads, chunk_size - 1) (``log_momentum`` is ``None``
+            when momentum is disabled).
+        seen: number of real tokens written so far per sequence, (batch,) int64.
+
+    Every tensor has the batch as its first dimension, so the state can be detached, moved, indexed and reordered
+    like one tensor (see :meth:`apply`). Its size does not depend on how many tokens were read.
+    """
+
+    weights: list[torch.Tensor]
+    momentum: list[torch.Tensor] | None
+    conv: torch.Tensor | None
+    keys: torch.Tensor
+    values: torch.Tensor
+    lr: torch.Tensor
+    log_momentum: torch.Tensor | None
+    log_retention: torch.Tensor
+    seen: torch.Tensor
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NeuralMemoryState:
+        """A new state with ``fn`` applied to every tensor (lists element-wise; ``None`` stays ``None``)."""
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                value = [fn(t) for t in value]
+            elif value is not None:
+                value = fn(value)
+            values[field.name] = value
+        return NeuralMemoryState(**values)
+
+    def detach(self) -> NeuralMemoryState:
+        return self.apply(torch.Tensor.detach)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NeuralMemoryState:
+        """Moves every tensor to ``device``; ``dtype`` (if given) applies to the floating-point tensors only."""
+        return self.apply(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    def index_select(self, indices: torch.Tensor) -> NeuralMemoryState:
+        """Selects or reorders sequences along the batch (beam search, dropping finished rows)."""
+        return self.apply(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def __getitem__(self, indices) -> NeuralMemoryState:
+        if isinstance(indices, int):
+            indices = slice(indices, indices + 1)
+        return self.apply(lambda t: t[indices])
+
+    def repeat_interleave(self, repeats: int) -> NeuralMemoryState:
+        return self.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as a flat ``{name: tensor}`` dict (e.g. for safetensors)."""
+        out = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                out.update({f"{field.name}.{i}": t for i, t in enumerate(value)})
+            elif value is not None:
+                out[field.name] = value
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        return self.seen.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class NeuralMemory(nn.Module):
+    """Titans neural long-term memory (the LMM token mixer), streaming and exact.
+
+    Args:
+        hidden_size: width of the inputs and outputs.
+        num_heads: number of independent memories.
+        head_dim: key/value width of each memory.
+        depth: layers of the memory MLP; 1 is a linear matrix memory, >= 2 an MLP ``z + MLP(z)`` (GELU).
+        expansion: hidden width of the memory MLP, as a multiple of ``head_dim``.
+        chunk_size: tokens per inner mini-batch; every gradient in a chunk is taken at the chunk-start weights.
+        conv_kernel: width of the causal depthwise convolution on q, k, v (0 or 1: none).
+        momentum: use the momentum ("surprise") term ``S`` (eq. 14); without it ``S_t = -theta_t grad``.
+        forget: use the data-dependent forgetting gate ``alpha`` (eq. 13); without it nothing is forgotten.
+        max_lr: upper bound of the inner learning rate ``theta = max_lr * sigmoid(.)``.
+        init_retention: retention ``1 - alpha`` at initialisation (through the gate bias).
+        init_momentum: momentum decay ``eta`` at initialisation.
+        init_lr_fraction: ``theta / max_lr`` at initialisation.
+        initializer_range: standard deviation of the projection weights at initialisation.
+        norm_eps: epsilon of the per-head output RMSNorm.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        depth: int = 2,
+        expansion: int = 4,
+        chunk_size: int = 16,
+        conv_kernel: int = 4,
+        momentum: bool = True,
+        forget: bool = True,
+        max_lr: float = 0.1,
+        init_retention: float = 0.995,
+        init_momentum: float = 0.9,
+        init_lr_fraction: float = 0.5,
+        initializer_range: float = 0.02,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        _check_positive_int("hidden_size", hidden_size)
+        _check_positive_int("num_heads", num_heads)
+        _check_positive_int("head_dim", head_dim)
+        _check_positive_int("depth", depth)
+        _check_positive_int("expansion", expansion)
+        _check_positive_int("chunk_size", chunk_size)
+        if not isinstance(conv_kernel, int) or isinstance(conv_kernel, bool) or conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be an int >= 0 (0 or 1: no convolution), got {conv_kernel!r}.")
+        for name, value in (("momentum", momentum), ("forget", forget)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+        if not (isinstance(max_lr, (int, float)) and math.isfinite(max_lr) and max_lr > 0):
+            raise ValueError(f"max_lr must be a finite number > 0, got {max_lr!r}.")
+        for name, value in (
+            ("init_retention", init_retention),
+            ("init_momentum", init_momentum),
+            ("init_lr_fraction", init_lr_fraction),
+        ):
+            if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+                raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}.")
+
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.depth = depth
+        self.expansion = expansion
+        self.chunk_size = chunk_size
+        self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
+        self.use_momentum = momentum
+        self.use_forget = forget
+        self.max_lr = float(max_lr)
+        self.init_retention = init_retention
+        self.init_momentum = init_momentum
+        self.init_lr_fraction = init_lr_fraction
+        self.initializer_range = initializer_range
+        self.residual = depth >= 2
+
+        inner = num_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
+        # Causal depthwise convolution over time of every q|k|v channel (``None`` without convolution).
+        self.conv_weight = nn.Parameter(torch.empty(3 * inner, self.conv_kernel)) if self.conv_kernel else None
+        # Per-token, per-head gates (paper eq. 13-14), each a linear map of the input.
+        self.lr_proj = nn.Linear(hidden_size, num_heads)
+        self.momentum_proj = nn.Linear(hidden_size, num_heads) if momentum else None
+        self.retention_proj = nn.Linear(hidden_size, num_heads) if forget else None
+        # Learned initial state W_0 of every head's memory MLP.
+        dims = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+        self.initial_weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(num_heads, d_in, d_out)) for d_in, d_out in zip(dims[:-1], dims[1:])]
+        )
+        self.norm_weight = nn.Parameter(torch.empty(num_heads, head_dim))  # per-head output RMSNorm
+        self.norm_eps = norm_eps
+        self.gate_proj = nn.Linear(hidden_size, inner, bias=False)  # output gate
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------------------------------------------- init
+
+    def reset_parameters(self, init=nn.init) -> None:
+        """Initialises every parameter. ``init`` is ``torch.nn.init`` or ``transformers.initialization``.
+
+        The gate biases make the memory *retain* at initialisation (retention ``init_retention``, momentum
+        ``init_momentum``, learning rate ``init_lr_fraction * max_lr``); the gate weights are small, so the gates
+        start near these values on unit-RMS inputs.
+        """
+        std = self.initializer_range
+        for linear in (self.qkv_proj, self.gate_proj, self.o_proj):
+            init.normal_(linear.weight, mean=0.0, std=std)
+        if self.conv_weight is not None:
+            # Start close to the identity (the current token) with a little mixing of the previous ones.
+            init.normal_(self.conv_weight, mean=0.0, std=std)
+            with torch.no_grad():
+                self.conv_weight[:, -1] += 1.0
+        for proj, value in (
+            (self.lr_proj, self.init_lr_fraction),
+            (self.momentum_proj, self.init_momentum),
+            (self.retention_proj, self.init_retention),
+        ):
+            if proj is not None:
+                init.normal_(proj.weight, mean=0.0, std=std)
+                init.constant_(proj.bias, math.log(value / (1.0 - value)))
+        for w in self.initial_weights:
+            init.normal_(w, mean=0.0, std=1.0 / math.sqrt(w.shape[-2]))
+        init.ones_(self.norm_weight)
+
+    # ---------------------------------------------------------------------------------------------------- gates
+
+    def lr(self, x: torch.Tensor) -> torch.Tensor:
+        """Inner learning rate ``theta_t = max_lr * sigmoid(x W_theta + b)`` (eq. 14), (..., heads), bounded by max_lr."""
+        return self.max_lr * torch.sigmoid(_upcast(self.lr_proj(x)))
+
+    def log_momentum(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``log eta_t`` of the momentum decay ``eta_t = sigmoid(x W_eta + b)`` (eq. 14), or ``None`` if disabled."""
+        if self.momentum_proj is None:
+            return None
+        return F.logsigmoid(_upcast(self.momentum_proj(x)))
+
+    def log_retention(self, x: torch.Tensor) -> torch.Tensor:
+        """``log(1 - alpha_t)`` of the retention ``1 - alpha_t = sigmoid(x W_alpha + b)`` (eq. 13); 0 if disabled."""
+        if self.retention_proj is None:
+            return x.new_zeros(*x.shape[:-1], self.num_heads, dtype=self.compute_dtype(x))
+        return F.logsigmoid(_upcast(self.retention_proj(x)))
+
+    # ---------------------------------------------------------------------------------------------------- pieces
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """Fast weights, momentum and gate products live in float32 (float64 when the inputs are float64)."""
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def initial_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> NeuralMemoryState:
+        """The state before the first token: ``W_0`` for every sequence, zero momentum, empty buffers.
+
+        ``dtype`` is the dtype of the fast weights (float32, or float64 for exact checks); the conv tail takes the
+        module's dtype.
+        """
+        device = device if device is not None else self.norm_weight.device
+        heads, dim, pending = self.num_heads, self.head_dim, self.chunk_size - 1
+        weights = [w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights]
+        conv = None
+        if self.conv_weight is not None:
+            conv = torch.zeros(
+                batch_size, self.conv_kernel - 1, 3 * heads * dim, device=device, dtype=self.qkv_proj.weight.dtype
+            )
+
+        def zeros() -> torch.Tensor:
+            return torch.zeros(batch_size, heads, pending, device=device, dtype=dtype)
+
+        return NeuralMemoryState(
+            weights=weights,
+            momentum=[torch.zeros_like(w) for w in weights] if self.use_momentum else None,
+            conv=conv,
+            keys=torch.zeros(batch_size, heads, pending, dim, device=device, dtype=dtype),
+            values=torch.zeros(batch_size, heads, pending, dim, device=device, dtype=dtype),
+            lr=zeros(),
+            log_momentum=zeros() if self.use_momentum else None,
+            log_retention=zeros(),
+            seen=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def causal_conv(
+        self,
+        features: torch.Tensor,
+        tail: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        counts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Causal depthwise convolution + SiLU over compacted rows (real tokens first), continuing from ``tail``.
+
+        ``features`` (batch, length, channels); ``weight`` (channels, kernel); ``counts`` (batch,) real rows per
+        sequence (``None``: all real).
+        Returns the convolved features and the new tail (the last ``kernel - 1`` real rows, tail included).
+        """
+        if tail is None:
+            return F.silu(features), None
+        padded = torch.cat([tail, features], dim=1)
+        width = tail.shape[1]
+        out = CausalConvSiLU.apply(padded, weight)
+        if counts is None:
+            new_tail = padded[:, padded.shape[1] - width :]
+        else:
+            index = counts.unsqueeze(1) + torch.arange(width, device=counts.device)
+            new_tail = _gather_time(padded, index, dim=1)
+        return out, new_tail
+
+    def split_heads(self, features: torch.Tensor) -> torch.Tensor:
+        """Splits convolved ``q|k|v`` features (batch, length, 3 * inner) into a (3, batch, heads, length, head_dim)."""
+        batch, length, _ = features.shape
+        return features.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def output(self, reads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``o = W_o(RMSNorm_head(y) * sigmoid(x W_g))``: per-head norm, output gate, projection back to hidden."""
+        batch, heads, length, dim = reads.shape
+        y = F.rms_norm(reads, (dim,), eps=self.norm_eps) * self.norm_weight.to(reads.dtype).unsqueeze(1)
+        y = y.transpose(1, 2).reshape(batch, length, heads * dim).to(x.dtype)
+        return self.o_proj(y * torch.sigmoid(self.gate_proj(x)))
+
+    # ---------------------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: NeuralMemoryState | None = None,
+        mask: torch.Tensor | None = None,
+        write: bool = True,
+    ) -> tuple[torch.Tensor, NeuralMemoryState]:
+        """Reads and writes a block of tokens.
+
+        Args:
+            hidden_states: (batch, seq, hidden_size).
+            state: where the stream stopped (``None``: a new stream, starting from ``W_0``).
+            mask: (batch, seq) of 0/1 or bool; a 0 token writes nothing, moves no chunk boundary and gets a zero output.
+            write: ``False`` is the "memory never written" ablation: every token reads the state's chunk-start
+                weights and the state is returned unchanged.
+
+        Returns:
+            ``(output, new_state)``; ``output`` has the shape of ``hidden_states``.
+        """
+        batch, length = self._check_inputs(hidden_states, mask)
+        dtype = self.compute_dtype(hidden_states)
+        if state is None:
+            state = self.initial_state(batch, hidden_states.device, dtype)
+        else:
+            self.check_state(state, batch)
+        x, counts, order = _compact(hidden_states, mask)
+
+        # Projections, causal conv + SiLU, l2-normalised q and k (eq. 11), gates (eq. 13-14).
+        features, conv_tail = self.causal_conv(self.qkv_proj(x), state.conv, self.conv_weight, counts)
+        q, k, v = self.split_heads(features).to(dtype).unbind(0)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+
+        # Read and write chunk by chunk, with float32 (or float64) state even under autocast.
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            if not write:
+                reads, new_state = memory_mlp(state.weights, q, self.residual), state
+            else:
+                lr = self.lr(x).to(dtype).transpose(1, 2)
+                log_momentum = self.log_momentum(x)
+                log_momentum = None if log_momentum is None else log_momentum.to(dtype).transpose(1, 2)
+                log_retention = self.log_retention(x).to(dtype).transpose(1, 2)
+                reads, new_state = self._read_write(state, q, k, v, lr, log_momentum, log_retention, counts, length)
+                new_state.conv = conv_tail
+        return _restore(self.output(reads, x), counts, order), new_state
+
+    def _read_write(
+        self,
+        state: NeuralMemoryState,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lr: torch.Tensor,
+        log_momentum: torch.Tensor | None,
+        log_retention: torch.Tensor,
+        counts: torch.Tensor | None,
+        length: int,
+    ) -> tuple[torch.Tensor, NeuralMemoryState]:
+        """The chunk loop over ``[unfinished chunk of the state || new real tokens]``, aligned on chunk boundaries."""
+        size = self.chunk_size
+        pending = size - 1
+        batch = q.shape[0]
+        device = q.device
+        buffered = state.seen % size  # tokens of the unfinished chunk, per sequence
+        new = counts if counts is not None else torch.full((batch,), length, device=device, dtype=torch.long)
+        total = buffered + new  # tokens from the last chunk boundary to the end of this block
+
+        # Align: slot j of sequence b holds token j after its last chunk boundary (buffered ones first).
+        streams = [state.keys, state.values, state.lr, state.log_retention]
+        news = [k, v, lr, log_retention]
+        if log_momentum is not None:
+            streams.append(state.log_momentum)
+            news.append(log_momentum)
+        span = int(total.max())
+        padded_span = max(size, -(-span // size) * size)
+        contiguous = counts is None and int(buffered.max()) == 0
+        if contiguous:
+            # Every sequence starts on a chunk boundary with all tokens real (training): no gather needed.
+            aligned = [_pad_time(x, padded_span) for x in news]
+            queries = _pad_time(q, padded_span)
+        else:
+            shift = pending - buffered  # where each sequence's stream starts in cat([buffer, new])
+            slots = torch.arange(padded_span, device=device)
+            index = (slots.unsqueeze(0) + shift.unsqueeze(1)).clamp(max=pending + length - 1)
+            in_stream = slots.unsqueeze(0) < total.unsqueeze(1)
+            aligned = []
+            for old, fresh in zip(streams, news):
+                cat = torch.cat([old, fresh], dim=2)
+                x = _gather_time(cat.transpose(1, 2), index, dim=1).transpose(1, 2)
+                mask = in_stream.view(batch, 1, padded_span, *([1] * (x.dim() - 3)))
+                aligned.append(torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=device)))
+            query_index = (slots.unsqueeze(0) - buffered.unsqueeze(1)).clamp(min=0, max=length - 1)
+            queries = _gather_time(q.transpose(1, 2), query_index, dim=1).transpose(1, 2)
+        keys, values, lrs, log_ret = aligned[:4]
+        log_mom = aligned[4] if log_momentum is not None else None
+
+        # Chunk loop: every chunk reads all its tokens; only completed chunks move the state. Tensors are laid out
+        # chunk-major once, so that each chunk is contiguous (no copy in every matmul), the gate coefficients of all
+        # chunks are computed at once, and unbind (not slicing) keeps the backward of the split linear in length.
+        chunks = padded_span // size
+
+        def chunk_major(x: torch.Tensor) -> torch.Tensor:
+            x = x.view(batch, self.num_heads, chunks, size, *x.shape[3:])
+            return x.permute(2, 0, 1, *range(3, x.dim())).contiguous()
+
+        coefficients = ChunkCoefficients.from_gates(
+            *(None if t is None else chunk_major(t) for t in (lrs, log_mom, log_ret))
+        ).unbind(0)
+        if state.momentum is None:
+            states = [w.unsqueeze(2) for w in state.weights]
+        else:
+            states = [torch.stack([w, s], dim=2) for w, s in zip(state.weights, state.momentum)]
+        completed = total // size
+        always, never = int(completed.min()), int(completed.max())
+        reads = []
+        targets = values - keys if self.residual else values  # the residual memory is M(z) = z + MLP(z)
+        chunked = (chunk_major(queries).unbind(0), chunk_major(keys).unbind(0), chunk_major(targets).unbind(0))
+        for n, (q_n, k_n, t_n) in enumerate(zip(*chunked)):
+            y, new_states = chunk_update(states, q_n, k_n, t_n, coefficients[n])
+            reads.append(y)
+            if n < always:
+                states = new_states
+            elif n < never:
+                done = completed > n
+                states = [_where_batch(done, a, b) for a, b in zip(new_states, states)]
+        reads = torch.stack(reads).permute(1, 2, 0, 3, 4).flatten(2, 3)  # chunk-major: contiguous gradients per chunk
+        if self.residual:
+            reads = reads + queries
+
+        # Outputs of the new tokens: slot buffered + j holds new token j.
+        if contiguous:
+            reads = reads[:, :, :length]
+        else:
+            out_index = (torch.arange(length, device=device).unsqueeze(0) + buffered.unsqueeze(1)).clamp(
+                max=padded_span - 1
+            )
+            reads = _gather_time(reads.transpose(1, 2), out_index, dim=1).transpose(1, 2)
+
+        # New buffer: the tokens after each sequence's last chunk boundary.
+        # It is kept right-aligned, so that the next call finds the whole stream contiguous in cat([buffer, new]).
+        left = total % size
+        buffer_index = total.unsqueeze(1) - pending + torch.arange(pending, device=device)
+        in_buffer = buffer_index >= (total - left).unsqueeze(1)
+        buffer_index = buffer_index.clamp(min=0, max=padded_span - 1)
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            out = _gather_time(x.transpose(1, 2), buffer_index, dim=1).transpose(1, 2)
+            mask = in_buffer.view(batch, 1, pending, *([1] * (out.dim() - 3)))
+            return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=device))
+
+        new_state = NeuralMemoryState(
+            weights=[x[:, :, 0] for x in states],
+            momentum=None if state.momentum is None else [x[:, :, 1] for x in states],
+            conv=state.conv,
+            keys=take(keys),
+            values=take(values),
+            lr=take(lrs),
+            log_momentum=None if log_mom is None else take(log_mom),
+            log_retention=take(log_ret),
+            seen=state.seen + new,
+        )
+        return reads, new_state
+
+    def retrieve(
+        self,
+        hidden_states: torch.Tensor,
+        weights: list[torch.Tensor],
+        conv_tail: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read-only retrieval ``M_W(q)`` with fixed ``weights`` (no write), e.g. MAC's ``h = M*_{t-1}(q)``.
+
+        The queries go through the same projection, causal conv + SiLU and l2-norm as in :meth:`forward`, with their
+        own conv tail ``conv_tail`` (batch, conv_kernel - 1, heads * head_dim; ``None``: the start of a stream).
+        Returns the memory output (shape of ``hidden_states``, zeros at masked tokens) and the new conv tail.
+        """
+        batch, length = self._check_inputs(hidden_states, mask)
+        dtype = self.compute_dtype(hidden_states)
+        inner = self.num_heads * self.head_dim
+        x, counts, order = _compact(hidden_states, mask)
+        conv_weight = None
+        if self.conv_weight is not None:
+            conv_weight = self.conv_weight[:inner]
+            if conv_tail is None:
+                conv_tail = x.new_zeros(batch, self.conv_kernel - 1, inner)
+        queries, new_tail = self.causal_conv(F.linear(x, self.qkv_proj.weight[:inner]), conv_tail, conv_weight, counts)
+        queries = queries.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2).to(dtype)
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            reads = memory_mlp([w.to(dtype) for w in weights], F.normalize(queries, dim=-1), self.residual)
+        return _restore(self.output(reads, x), counts, order), new_tail
+
+    # ---------------------------------------------------------------------------------------------------- checks
+
+    def _check_inputs(self, hidden_states: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int]:
+        if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a floating-point tensor, got {type(hidden_states).__name__}.")
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must have shape (batch, seq, {self.hidden_size}), got {tuple(hidden_states.shape)}."
+            )
+        batch, length, _ = hidden_states.shape
+        if length == 0:
+            raise ValueError("hidden_states has an empty sequence dimension; pass at least one token.")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length):
+                shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"mask must have shape (batch, seq) = {(batch, length)}, got {shape}.")
+            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("mask must hold only 0 and 1 (or booleans).")
+        return batch, length
+
+    def check_state(self, state: NeuralMemoryState, batch_size: int) -> None:
+        """Raises ``ValueError`` when ``state`` does not belong to this configuration or batch."""
+        if not isinstance(state, NeuralMemoryState):
+            raise ValueError(f"state must be a NeuralMemoryState, got {type(state).__name__}.")
+        expected = [(batch_size, *w.shape) for w in self.initial_weights]
+        found = [tuple(w.shape) for w in state.weights]
+        if found != expected:
+            raise ValueError(
+                f"state does not match this memory: fast weights {found}, expected {expected} "
+                "(batch, heads, d_in, d_out per layer). Was it made by a memory with another configuration or batch?"
+            )
+        if (state.momentum is None) == self.use_momentum:
+            raise ValueError(
+                f"state {'lacks' if state.momentum is None else 'has'} momentum but momentum={self.use_momentum}."
+            )
+        if state.keys.shape != (batch_size, self.num_heads, self.chunk_size - 1, self.head_dim):
+            raise ValueError(
+                f"state buffers have shape {tuple(state.keys.shape)}, expected "
+                f"{(batch_size, self.num_heads, self.chunk_size - 1, self.head_dim)}: another chunk_size or batch?"
+            )
+        expected_conv = (
+            None
+            if self.conv_weight is None
+            else (batch_size, self.conv_kernel - 1, 3 * self.num_heads * self.head_dim)
+        )
+        found_conv = None if state.conv is None else tuple(state.conv.shape)
+        if found_conv != expected_conv:
+            raise ValueError(f"state conv tail has shape {found_conv}, expected {expected_conv}: another conv_kernel?")
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_dim}, depth={self.depth}, expansion={self.expansion}, "
+            f"chunk_size={self.chunk_size}, conv_kernel={self.conv_kernel}, momentum={self.use_momentum}, "
+            f"forget={self.use_forget}, max_lr={self.max_lr}"
+        )
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")

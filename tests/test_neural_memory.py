@@ -1,0 +1,305 @@
+"""NeuralMemory: the chunked closed form against its slow twin, streaming, padding, causality, gradients, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from reference_memory import reference_forward
+from torch.func import functional_call
+
+from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
+
+
+def make_memory(seed: int = 0, stir: bool = True, **kwargs) -> NeuralMemory:
+    """A float64 memory whose gates are spread far from their initial values, so every term of the update matters."""
+    torch.manual_seed(seed)
+    config = dict(hidden_size=12, num_heads=2, head_dim=4, depth=2, expansion=2, chunk_size=4, max_lr=0.1)
+    config.update(kwargs)
+    memory = NeuralMemory(**config).double()
+    if stir:
+        with torch.no_grad():
+            for proj, centre in ((memory.lr_proj, 0.0), (memory.momentum_proj, 0.0), (memory.retention_proj, 2.0)):
+                if proj is not None:
+                    proj.weight.normal_(0.0, 0.5)
+                    proj.bias.normal_(centre, 1.0)
+            if memory.conv_weight is not None:
+                memory.conv_weight.normal_(0.0, 0.5)
+            memory.qkv_proj.weight.normal_(0.0, 0.3)
+    return memory
+
+
+def inputs(batch: int, length: int, hidden: int = 12, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(batch, length, hidden, dtype=torch.float64)
+
+
+def assert_state_equal(a: NeuralMemoryState, b: NeuralMemoryState, atol: float = 1e-12) -> None:
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], atol=atol, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------- slow twin
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 16])
+@pytest.mark.parametrize("momentum,forget", list(itertools.product([True, False], repeat=2)))
+def test_matches_per_token_autograd_reference(depth, chunk_size, momentum, forget):
+    memory = make_memory(depth=depth, chunk_size=chunk_size, momentum=momentum, forget=forget)
+    x = inputs(batch=2, length=23)  # 23 is a multiple of none of the chunk sizes but 1
+    out, state = memory(x)
+    assert state.seen.tolist() == [23, 23]
+    for b in range(2):
+        expected = reference_forward(memory, x[b])
+        torch.testing.assert_close(out[b], expected, atol=1e-10, rtol=0)
+
+
+def test_reference_agrees_without_conv():
+    memory = make_memory(conv_kernel=0, chunk_size=3)
+    x = inputs(batch=1, length=10)
+    torch.testing.assert_close(memory(x)[0][0], reference_forward(memory, x[0]), atol=1e-10, rtol=0)
+
+
+def test_chunk_size_one_is_online_gradient_descent_and_chunks_change_the_function():
+    x = inputs(batch=1, length=12)
+    online = make_memory(chunk_size=1)(x)[0]
+    chunked = make_memory(chunk_size=4)(x)[0]
+    # Identical parameters (same seed); only the chunking differs, and it must matter after the first chunk.
+    torch.testing.assert_close(online[:, :1], chunked[:, :1], atol=1e-12, rtol=0)
+    assert (online[:, 4:] - chunked[:, 4:]).abs().max() > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("chunk_size,momentum", [(1, True), (4, True), (5, False), (16, True)])
+def test_any_split_gives_the_same_outputs_and_state(chunk_size, momentum):
+    memory = make_memory(chunk_size=chunk_size, momentum=momentum)
+    x = inputs(batch=2, length=37)
+    whole, whole_state = memory(x)
+    generator = torch.Generator().manual_seed(chunk_size)
+    for _ in range(3):
+        cuts = sorted(torch.randperm(36, generator=generator)[:8].add(1).tolist())
+        pieces, state, start = [], None, 0
+        for end in cuts + [37]:
+            out, state = memory(x[:, start:end], state)
+            pieces.append(out)
+            start = end
+        torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-12, rtol=0)
+        assert_state_equal(state, whole_state)
+
+
+def test_single_token_steps_equal_one_call():
+    memory = make_memory(chunk_size=5)
+    x = inputs(batch=2, length=13)
+    whole, whole_state = memory(x)
+    state, pieces = None, []
+    for t in range(13):
+        out, state = memory(x[:, t : t + 1], state)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-12, rtol=0)
+    assert_state_equal(state, whole_state)
+
+
+def test_state_size_does_not_grow():
+    memory = make_memory(chunk_size=4)
+    _, short = memory(inputs(batch=2, length=5))
+    _, long = memory(inputs(batch=2, length=50))
+    assert short.nbytes == long.nbytes
+
+
+def test_state_can_be_detached_moved_indexed_and_reordered():
+    memory = make_memory(chunk_size=4)
+    x = inputs(batch=3, length=14)
+    whole, _ = memory(x)
+    _, state = memory(x[:, :6])
+    assert all(not t.requires_grad for t in state.detach().tensors().values())
+    assert state.to("cpu").nbytes == state.nbytes
+    assert state.to(dtype=torch.float32).seen.dtype == torch.long
+    order = torch.tensor([2, 0, 1])
+    out, _ = memory(x[order, 6:], state.index_select(order))
+    torch.testing.assert_close(out, whole[order, 6:], atol=1e-12, rtol=0)
+    out, _ = memory(x[1:2, 6:], state[1])
+    torch.testing.assert_close(out, whole[1:2, 6:], atol=1e-12, rtol=0)
+    out, _ = memory(x[:, 6:].repeat_interleave(2, dim=0), state.repeat_interleave(2))
+    torch.testing.assert_close(out, whole[:, 6:].repeat_interleave(2, dim=0), atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- padding
+
+
+def test_left_padding_equals_each_sample_alone():
+    memory = make_memory(chunk_size=4)
+    lengths = [11, 6, 1]
+    width = max(lengths)
+    x = inputs(batch=3, length=width)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, width - n :] = 1
+    x = x + 5.0 * (1 - mask).unsqueeze(-1)  # pad embeddings are non-zero
+    out, state = memory(x, mask=mask)
+    assert state.seen.tolist() == lengths
+    for b, n in enumerate(lengths):
+        alone, alone_state = memory(x[b : b + 1, width - n :])
+        torch.testing.assert_close(out[b : b + 1, width - n :], alone, atol=1e-12, rtol=0)
+        assert_state_equal(state[b], alone_state)
+        assert out[b, : width - n].abs().max() == 0 if n < width else True
+    # Continuing the padded batch continues every sample exactly.
+    more = inputs(batch=3, length=5, seed=3)
+    out2, _ = memory(more, state)
+    for b, n in enumerate(lengths):
+        _, alone_state = memory(x[b : b + 1, width - n :])
+        torch.testing.assert_close(out2[b : b + 1], memory(more[b : b + 1], alone_state)[0], atol=1e-12, rtol=0)
+
+
+def test_masked_tokens_anywhere_write_nothing():
+    memory = make_memory(chunk_size=3)
+    x = inputs(batch=2, length=12)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    x = x.masked_fill(~mask.bool().unsqueeze(-1), 1e6)  # huge pads: any leak would show
+    out, state = memory(x, mask=mask)
+    assert torch.isfinite(out).all()
+    real = mask[0].bool()
+    alone, alone_state = memory(x[:1, real])
+    torch.testing.assert_close(out[0, real], alone[0], atol=1e-12, rtol=0)
+    assert_state_equal(state[0], alone_state)
+    # The all-padding row is untouched: its state is the initial one and its outputs are zeros.
+    assert_state_equal(state[1], memory.initial_state(1, dtype=torch.float64))
+    assert out[1].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------------------------------- behaviour
+
+
+def test_causality_is_bit_exact():
+    memory = make_memory(chunk_size=4)
+    x = inputs(batch=2, length=19)
+    base, _ = memory(x)
+    for t in (0, 3, 4, 10, 18):
+        changed = x.clone()
+        changed[:, t] += 1.0
+        out, _ = memory(changed)
+        assert torch.equal(out[:, :t], base[:, :t]), t
+        assert not torch.equal(out[:, t:], base[:, t:]), t
+
+
+def test_the_memory_matters():
+    memory = make_memory(chunk_size=4, stir=False)  # at initialisation
+    x = inputs(batch=2, length=24)
+    with_writes, _ = memory(x)
+    without_writes, state = memory(x, write=False)
+    assert (with_writes - without_writes)[:, 1:].abs().max() > 1e-4
+    assert_state_equal(state, memory.initial_state(2, dtype=torch.float64))
+
+
+def test_retrieve_reads_without_writing():
+    memory = make_memory(chunk_size=4)
+    x = inputs(batch=2, length=9)
+    without_writes, _ = memory(x, write=False)
+    weights = [w.unsqueeze(0).expand(2, *w.shape) for w in memory.initial_weights]
+    out, tail = memory.retrieve(x, weights)
+    torch.testing.assert_close(out, without_writes, atol=1e-12, rtol=0)
+    # In pieces, carrying the query conv tail, and with padding.
+    first, tail = memory.retrieve(x[:, :4], weights)
+    second, _ = memory.retrieve(x[:, 4:], weights, tail)
+    torch.testing.assert_close(torch.cat([first, second], 1), out, atol=1e-12, rtol=0)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    padded, _ = memory.retrieve(x, weights, mask=mask)
+    alone, _ = memory.retrieve(x[1:, 3:], [w[1:] for w in weights])
+    torch.testing.assert_close(padded[1:, 3:], alone, atol=1e-12, rtol=0)
+
+
+def test_gradients_reach_every_parameter():
+    memory = make_memory(chunk_size=2, hidden_size=6, head_dim=3, expansion=2)
+    x = inputs(batch=1, length=5, hidden=6)
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in memory.named_parameters()}
+
+    def run(*values):
+        return functional_call(memory, dict(zip(params, values)), (x,))[0]
+
+    assert torch.autograd.gradcheck(run, tuple(params.values()), eps=1e-6, atol=1e-5)
+    memory.zero_grad()
+    memory(x)[0].pow(2).sum().backward()
+    for name, p in memory.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_initialisation_retains():
+    torch.manual_seed(0)
+    memory = NeuralMemory(hidden_size=256, num_heads=4, head_dim=64)
+    x = torch.randn(4, 512, 256)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))  # unit RMS
+    retention = memory.log_retention(x).exp()
+    momentum = memory.log_momentum(x).exp()
+    lr = memory.lr(x)
+    assert retention.median() >= 0.95
+    assert abs(momentum.median().item() - 0.9) < 0.02
+    assert (lr <= memory.max_lr).all() and (lr > 0).all()
+
+
+def test_half_precision_keeps_float32_state():
+    memory = make_memory(chunk_size=4).to(torch.bfloat16)
+    x = inputs(batch=2, length=10).to(torch.bfloat16)
+    out, state = memory(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert all(w.dtype == torch.float32 for w in state.weights + state.momentum)
+    assert state.lr.dtype == state.log_retention.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = make_memory(chunk_size=4).float()(x.float())
+    assert all(w.dtype == torch.float32 for w in state.weights + state.momentum)
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_heads=0), "num_heads"),
+        (dict(depth=0), "depth"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(chunk_size=2.5), "chunk_size"),
+        (dict(conv_kernel=-1), "conv_kernel"),
+        (dict(max_lr=0.0), "max_lr"),
+        (dict(max_lr=math.inf), "max_lr"),
+        (dict(momentum="yes"), "momentum"),
+        (dict(init_retention=1.0), "init_retention"),
+    ],
+)
+def test_invalid_constructor_arguments(kwargs, match):
+    config = dict(hidden_size=8, num_heads=2, head_dim=4)
+    config.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(**config)
+
+
+def test_bad_inputs_are_named():
+    memory = make_memory()
+    x = inputs(batch=2, length=5)
+    with pytest.raises(ValueError, match=r"\(batch, seq, 12\)"):
+        memory(x[..., :7])
+    with pytest.raises(ValueError, match="empty"):
+        memory(x[:, :0])
+    with pytest.raises(ValueError, match="mask must have shape"):
+        memory(x, mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        memory(x, mask=torch.full((2, 5), 2))
+    with pytest.raises(TypeError, match="floating-point"):
+        memory(torch.ones(2, 5, 12, dtype=torch.long))
+    _, state = memory(x)
+    with pytest.raises(ValueError, match="another configuration or batch"):
+        make_memory(depth=3)(x, state)
+    with pytest.raises(ValueError, match="another configuration or batch"):
+        memory(x[:1], state)
+    with pytest.raises(ValueError, match="chunk_size"):
+        make_memory(chunk_size=5)(x, state)
+    with pytest.raises(ValueError, match="momentum"):
+        make_memory(momentum=False)(x, state)
+    with pytest.raises(ValueError, match="NeuralMemoryState"):
+        memory(x, {"weights": []})
