@@ -5,12 +5,26 @@ from __future__ import annotations
 import itertools
 import math
 
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 from reference_memory import reference_forward
 from torch.func import functional_call
 
-from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
+from titans_hf.neural_memory import (
+    CausalConvSiLU,
+    ChunkCoefficients,
+    ChunkFunction,
+    NeuralMemory,
+    NeuralMemoryState,
+    chunk_forward,
+)
+
+
+def fields_of(obj) -> list:
+    return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
 
 
 def make_memory(seed: int = 0, stir: bool = True, **kwargs) -> NeuralMemory:
@@ -303,3 +317,49 @@ def test_bad_inputs_are_named():
         make_memory(momentum=False)(x, state)
     with pytest.raises(ValueError, match="NeuralMemoryState"):
         memory(x, {"weights": []})
+
+
+# ----------------------------------------------------------------------------------------------------- hand backward
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("momentum", [True, False])
+def test_hand_written_chunk_backward_equals_autograd(depth, momentum):
+    """ChunkFunction's backward against autograd through the plain chunk_forward, float64, every input."""
+    torch.manual_seed(depth)
+    batch, heads, chunk, dim, hidden = 2, 2, 5, 3, 4
+    dims = [dim] + [hidden] * (depth - 1) + [dim]
+    slots = 2 if momentum else 1
+    states = [torch.randn(batch, heads, slots, a, b, dtype=torch.float64) for a, b in zip(dims[:-1], dims[1:])]
+    q, k, t = (torch.randn(batch, heads, chunk, dim, dtype=torch.float64) for _ in range(3))
+    lr = torch.rand(batch, heads, chunk, dtype=torch.float64) * 0.3
+    log_momentum = -torch.rand(batch, heads, chunk, dtype=torch.float64) if momentum else None
+    coefficients = ChunkCoefficients.from_gates(lr, log_momentum, -torch.rand(batch, heads, chunk, dtype=torch.float64))
+    inputs = [x.requires_grad_(True) for x in (q, k, t, *fields_of(coefficients), *states)]
+
+    fast = ChunkFunction.apply(*inputs)
+    reads, new_states, _ = chunk_forward(inputs[7:], *inputs[:3], ChunkCoefficients(*inputs[3:7]))
+    slow = (reads, *new_states)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    upstream = [torch.randn_like(x) for x in fast]
+    for used in (len(fast), 1):  # all outputs, then only the reads (the state gradients arrive as None)
+        fast = ChunkFunction.apply(*inputs)
+        reads, new_states, _ = chunk_forward(inputs[7:], *inputs[:3], ChunkCoefficients(*inputs[3:7]))
+        slow = (reads, *new_states)
+        got = torch.autograd.grad(fast[:used], inputs, upstream[:used], allow_unused=True)
+        expected = torch.autograd.grad(slow[:used], inputs, upstream[:used], allow_unused=True)
+        for g, e in zip(got, expected):
+            if e is None:
+                assert g is None or g.abs().max() == 0
+            else:
+                torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+
+
+def test_causal_conv_silu_matches_conv1d_and_gradcheck():
+    torch.manual_seed(0)
+    padded = torch.randn(2, 9, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    expected = F.silu(F.conv1d(padded.transpose(1, 2), weight.unsqueeze(1), groups=5).transpose(1, 2))
+    torch.testing.assert_close(CausalConvSiLU.apply(padded, weight), expected, atol=1e-14, rtol=0)
+    assert torch.autograd.gradcheck(CausalConvSiLU.apply, (padded, weight))
