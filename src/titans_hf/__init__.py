@@ -1,7 +1,30 @@
-"""titans-hf: Titans (Behrouz, Zhong, Mirrokni 2024) as a native Hugging Face Transformers model."""
+"""titans-hf: Titans (Behrouz, Zhong, Mirrokni 2024) as a native Hugging Face Transformers model.
 
+Importing the package registers ``TitansConfig`` with ``AutoConfig``, ``TitansModel`` with ``AutoModel`` and
+``TitansForCausalLM`` with ``AutoModelForCausalLM``; saved models also carry the code (``auto_map``) so that they
+load with ``trust_remote_code=True`` where the package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache_titans import TitansCache
+from .configuration_titans import TitansConfig
+from .modeling_titans import TitansForCausalLM, TitansModel, TitansPreTrainedModel
 from .neural_memory import NeuralMemory, NeuralMemoryState
 
 __version__ = "0.1.0"
 
-__all__ = ["NeuralMemory", "NeuralMemoryState", "__version__"]
+AutoConfig.register(TitansConfig.model_type, TitansConfig, exist_ok=True)
+AutoModel.register(TitansConfig, TitansModel, exist_ok=True)
+AutoModelForCausalLM.register(TitansConfig, TitansForCausalLM, exist_ok=True)
+
+__all__ = [
+    "NeuralMemory",
+    "NeuralMemoryState",
+    "TitansCache",
+    "TitansConfig",
+    "TitansForCausalLM",
+    "TitansModel",
+    "TitansPreTrainedModel",
+    "__version__",
+]

@@ -528,6 +528,17 @@ class NeuralMemoryState:
                 out[field.name] = value
         return out
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> NeuralMemoryState:
+        """Inverse of :meth:`tensors`."""
+        values = {}
+        for field in fields(cls):
+            listed = sorted(
+                (int(k.rsplit(".", 1)[1]), t) for k, t in tensors.items() if k.startswith(f"{field.name}.")
+            )
+            values[field.name] = [t for _, t in listed] if listed else tensors.get(field.name)
+        return cls(**values)
+
     @property
     def batch_size(self) -> int:
         return self.seen.shape[0]
@@ -650,7 +661,7 @@ class NeuralMemory(nn.Module):
         std = self.initializer_range
         for linear in (self.qkv_proj, self.gate_proj, self.o_proj):
             init.normal_(linear.weight, mean=0.0, std=std)
-        if self.conv_weight is not None:
+        if self.conv_weight is not None and not getattr(self.conv_weight, "_is_hf_initialized", False):
             # Start close to the identity (the current token) with a little mixing of the previous ones.
             init.normal_(self.conv_weight, mean=0.0, std=std)
             with torch.no_grad():

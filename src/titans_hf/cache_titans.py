@@ -1,0 +1,258 @@
+# Copyright 2026 The titans-hf developers. Licensed under the Apache License, Version 2.0.
+"""``TitansCache``: the exact, constant-size decoding state of a Titans model.
+
+Per layer it holds what the layer needs to continue a stream at any token, exactly:
+
+- the neural memory's :class:`~neural_memory.NeuralMemoryState` (chunk-start fast weights and momentum per
+  sequence and head, the unfinished chunk's keys/values/gates, the conv tail);
+- MAG / MAL: the keys and values of the last ``sliding_window - 1`` tokens;
+- MAC: the keys and values of the current segment's tokens and of their memory reads, the memory weights at the
+  segment start (the reads of a segment all use them) and the conv tail of the read queries.
+
+Its size does not depend on how many tokens were read. Every tensor has the batch first, so beam search
+(``reorder_cache``), ``num_return_sequences`` (``batch_repeat_interleave``) and batch pruning
+(``batch_select_indices``) act on all of them alike. ``save`` / ``load`` snapshot a cache to safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .neural_memory import NeuralMemoryState
+
+# Fields of a config that fix the shapes and the meaning of a cache.
+_SIGNATURE_FIELDS = (
+    "variant",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_key_value_heads",
+    "head_dim",
+    "sliding_window",
+    "segment_size",
+    "memory_layers",
+    "memory_depth",
+    "memory_expansion",
+    "memory_num_heads",
+    "memory_head_dim",
+    "memory_chunk_size",
+    "memory_conv_kernel",
+    "memory_momentum",
+)
+
+
+def config_signature(config) -> dict:
+    return {name: getattr(config, name) for name in _SIGNATURE_FIELDS}
+
+
+class TitansCacheLayer(CacheLayerMixin):
+    """One layer's state: ``memory`` (or ``None``) and the attention tensors in ``tensors`` (batch first)."""
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.memory: NeuralMemoryState | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    # The attention state is not a growing key/value list, so the generic CacheLayerMixin hooks do not apply.
+    def lazy_initialization(self, key_states, value_states) -> None:
+        raise NotImplementedError("TitansCacheLayer is filled by the Titans layers themselves.")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError("TitansCacheLayer is filled by the Titans layers themselves.")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        raise NotImplementedError("Use TitansCache.get_seq_length().")
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.memory is not None:
+            self.memory = self.memory.apply(fn)
+        self.tensors = {name: fn(t) for name, t in self.tensors.items()}
+
+    def reset(self) -> None:
+        self.memory = None
+        self.tensors = {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.apply(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "A TitansCache cannot be cropped: the neural memory has folded every token into its weights. Keep a copy "
+            "(TitansCache.copy() or save()) of the state you want to return to."
+        )
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}{name}": t for name, t in self.tensors.items()}
+        if self.memory is not None:
+            out.update({f"{prefix}memory.{name}": t for name, t in self.memory.tensors().items()})
+        return out
+
+
+class TitansCache(Cache):
+    """Decoding state of a :class:`TitansForCausalLM`, one :class:`TitansCacheLayer` per decoder layer.
+
+    ``get_seq_length()`` is the number of token positions read so far (padding included, as ``generate`` counts
+    them); ``seen`` holds the number of real tokens per sequence, from which positions and chunk/segment
+    boundaries are counted.
+
+    ```python
+    >>> cache = TitansCache(model.config)
+    >>> for block in document_ids.split(4096, dim=1):          # stream a long document, in constant memory
+    ...     model(input_ids=block, cache=cache, logits_to_keep=1)
+    >>> cache.save("memory.safetensors")                        # what the model memorised, for later
+    ```
+    """
+
+    is_compileable = False
+
+    def __init__(self, config, **kwargs):
+        super().__init__(layers=[TitansCacheLayer() for _ in range(config.num_hidden_layers)])
+        self.signature = config_signature(config)
+        self.seen: torch.Tensor | None = None  # (batch,) real tokens read per sequence
+        self.positions_read = 0  # token positions read, padding included
+
+    # ------------------------------------------------------------------------------------------------ queries
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.positions_read
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.seen is None else self.seen.shape[0]
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.seen is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in tensors (constant once the first block has been read)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def check(self, config, batch_size: int) -> None:
+        """Raises ``ValueError`` if this cache belongs to another configuration or batch size."""
+        signature = config_signature(config)
+        if signature != self.signature:
+            different = {k: (self.signature.get(k), v) for k, v in signature.items() if self.signature.get(k) != v}
+            raise ValueError(
+                f"This TitansCache was made for another configuration: {different} (cache value, model value). "
+                "Use a new TitansCache(model.config)."
+            )
+        if self.seen is not None and self.seen.shape[0] != batch_size:
+            raise ValueError(
+                f"The cache holds {self.seen.shape[0]} sequences but the inputs have batch size {batch_size}. Pass the "
+                "same batch, or select/repeat the cache rows (batch_select_indices, batch_repeat_interleave)."
+            )
+
+    # ------------------------------------------------------------------------------------------------ batch ops
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for layer in self.layers:
+            layer.apply(fn)
+        if self.seen is not None:
+            self.seen = fn(self.seen)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.seen = None
+        self.positions_read = 0
+
+    def crop(self, max_length: int) -> None:
+        self.layers[0].crop(max_length)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> TitansCache:
+        """Moves every tensor to ``device`` (``dtype``, if given, applies to floating-point tensors), in place."""
+        self._apply(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        return self
+
+    def detach(self) -> TitansCache:
+        """Cuts the autograd history in place (for truncated back-propagation through a stream)."""
+        self._apply(torch.Tensor.detach)
+        return self
+
+    def copy(self) -> TitansCache:
+        """An independent copy (tensors cloned)."""
+        new = TitansCache.__new__(TitansCache)
+        Cache.__init__(new, layers=[TitansCacheLayer() for _ in self.layers])
+        new.signature = dict(self.signature)
+        new.positions_read = self.positions_read
+        new.seen = None if self.seen is None else self.seen.clone()
+        for mine, theirs in zip(self.layers, new.layers):
+            theirs.memory = None if mine.memory is None else mine.memory.apply(torch.clone)
+            theirs.tensors = {name: t.clone() for name, t in mine.tensors.items()}
+        return new
+
+    # ------------------------------------------------------------------------------------------------ snapshots
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {} if self.seen is None else {"seen": self.seen}
+        for i, layer in enumerate(self.layers):
+            out.update(layer.state_dict(f"layers.{i}."))
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Writes the cache to a safetensors file (tensors plus the configuration signature as metadata)."""
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        metadata = {"signature": json.dumps(self.signature), "positions_read": str(self.positions_read)}
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, config, device=None) -> TitansCache:
+        """Reads a cache written by :meth:`save`; raises ``ValueError`` if it was made for another configuration."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "signature" not in metadata:
+            raise ValueError(f"{path} is not a TitansCache snapshot (no signature in its metadata).")
+        cache = cls(config)
+        saved = json.loads(metadata["signature"])
+        if saved != cache.signature:
+            different = {k: (saved.get(k), v) for k, v in cache.signature.items() if saved.get(k) != v}
+            raise ValueError(f"{path} was saved for another configuration: {different} (snapshot value, model value).")
+        tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+        cache.positions_read = int(metadata.get("positions_read", 0))
+        cache.seen = tensors.pop("seen", None)
+        for i, layer in enumerate(cache.layers):
+            prefix = f"layers.{i}."
+            mine = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+            memory = {name[len("memory.") :]: t for name, t in mine.items() if name.startswith("memory.")}
+            layer.tensors = {name: t for name, t in mine.items() if not name.startswith("memory.")}
+            if memory:
+                layer.memory = NeuralMemoryState.from_tensors(memory)
+        return cache
+
+
+__all__ = ["TitansCache", "TitansCacheLayer"]

@@ -1,0 +1,190 @@
+# Copyright 2026 The titans-hf developers. Licensed under the Apache License, Version 2.0.
+"""Configuration of Titans models (Behrouz, Zhong, Mirrokni 2024)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+VARIANTS = ("mac", "mag", "mal", "lmm")
+
+
+@strict
+class TitansConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`TitansModel`] / [`TitansForCausalLM`]: a decoder whose layers hold the Titans neural
+    long-term memory, composed with attention as one of the paper's four variants.
+
+    Standard fields follow Llama (`vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`,
+    `num_attention_heads`, `num_key_value_heads`, `head_dim`, `max_position_embeddings`, `rope_parameters`,
+    `rms_norm_eps`, `initializer_range`, `tie_word_embeddings`, `pad/bos/eos_token_id`, `use_cache`,
+    `attention_dropout`). `max_position_embeddings` is the training context of the presets: the model itself has
+    no length limit (relative RoPE, windowed attention, recurrent memory).
+
+    Titans fields:
+
+    variant (`str`, defaults to `"mac"`):
+        `"mac"` (memory as context: attention over `[persistent || memory read || segment]`), `"mag"` (memory as
+        gate: sliding-window attention and memory in parallel, gated), `"mal"` (memory as layer: memory, then
+        sliding-window attention) or `"lmm"` (the memory alone).
+    segment_size (`int`, defaults to 512):
+        MAC: length of the segments attention runs over. A multiple of `memory_chunk_size`.
+    sliding_window (`int`, defaults to 512):
+        MAG / MAL: attention window (the token itself and the `sliding_window - 1` before it).
+    num_persistent_tokens (`int`, *optional*):
+        Learned, input-independent tokens every attention query can see. Defaults to 4 for the attention variants
+        and 0 for `"lmm"` (which has no attention for them to enter).
+    memory_layers (`list[int]`, *optional*):
+        Indices of the layers that hold a memory (default: all). The other layers are attention-only (MAC: segment
+        attention; MAG/MAL: sliding-window attention). `"lmm"` needs a memory in every layer.
+    memory_depth (`int`, defaults to 2): layers of the memory MLP (1: linear matrix memory).
+    memory_expansion (`int`, defaults to 4): hidden width of the memory MLP, in multiples of `memory_head_dim`.
+    memory_num_heads (`int`, *optional*): independent memories per layer (default: `num_attention_heads`).
+    memory_head_dim (`int`, *optional*): key/value width of each memory (default: `hidden_size // memory_num_heads`).
+    memory_chunk_size (`int`, defaults to 64):
+        Tokens per inner mini-batch: every gradient of a chunk is taken at the chunk-start weights (paper §3.2).
+        Part of the function, used identically in training and decoding; 1 is exact online gradient descent.
+    memory_conv_kernel (`int`, defaults to 4): causal depthwise convolution on q, k, v (0 or 1: none).
+    memory_momentum (`bool`, defaults to `True`): the momentum ("surprise") term (eq. 14).
+    memory_forget (`bool`, defaults to `True`): the data-dependent forgetting gate (eq. 13).
+    memory_max_lr (`float`, defaults to 0.1): upper bound of the inner learning rate.
+
+    ```python
+    >>> from titans_hf import TitansConfig, TitansForCausalLM
+    >>> config = TitansConfig(variant="mag", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+    ...                       intermediate_size=688, vocab_size=256, sliding_window=64)
+    >>> model = TitansForCausalLM(config)
+    ```
+    """
+
+    model_type = "titans"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    rope_parameters: RopeParameters | dict | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    use_cache: bool = True
+    attention_dropout: float | int = 0.0
+
+    variant: str = "mac"
+    segment_size: int = 512
+    sliding_window: int = 512
+    num_persistent_tokens: int | None = None
+    memory_layers: list[int] | None = None
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    memory_num_heads: int | None = None
+    memory_head_dim: int | None = None
+    memory_chunk_size: int = 64
+    memory_conv_kernel: int = 4
+    memory_momentum: bool = True
+    memory_forget: bool = True
+    memory_max_lr: float | int = 0.1
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.variant, str):
+            self.variant = self.variant.lower()
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and _positive(self.num_attention_heads):
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_persistent_tokens is None:
+            self.num_persistent_tokens = 0 if self.variant == "lmm" else 4
+        if self.memory_num_heads is None:
+            self.memory_num_heads = self.num_attention_heads
+        if self.memory_head_dim is None and _positive(self.memory_num_heads):
+            self.memory_head_dim = self.hidden_size // self.memory_num_heads
+        if self.memory_layers is None and _positive(self.num_hidden_layers):
+            self.memory_layers = list(range(self.num_hidden_layers))
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        self.check()
+        super().__post_init__(**kwargs)
+
+    def check(self) -> None:
+        """Raises ``ValueError`` naming the first invalid field and what is allowed."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}.")
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "segment_size",
+            "sliding_window",
+            "memory_depth",
+            "memory_expansion",
+            "memory_num_heads",
+            "memory_head_dim",
+            "memory_chunk_size",
+        ):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.segment_size % self.memory_chunk_size:
+            raise ValueError(
+                f"segment_size ({self.segment_size}) must be a multiple of memory_chunk_size "
+                f"({self.memory_chunk_size}), so that segments start on chunk boundaries."
+            )
+        if not isinstance(self.num_persistent_tokens, int) or self.num_persistent_tokens < 0:
+            raise ValueError(f"num_persistent_tokens must be an integer >= 0, got {self.num_persistent_tokens!r}.")
+        if self.variant == "lmm" and self.num_persistent_tokens:
+            raise ValueError(
+                "num_persistent_tokens must be 0 for variant='lmm': the memory-only model has no attention for "
+                f"persistent tokens to enter (got {self.num_persistent_tokens})."
+            )
+        if not isinstance(self.memory_conv_kernel, int) or self.memory_conv_kernel < 0:
+            raise ValueError(f"memory_conv_kernel must be an integer >= 0, got {self.memory_conv_kernel!r}.")
+        if not (self.memory_max_lr > 0):
+            raise ValueError(f"memory_max_lr must be > 0, got {self.memory_max_lr!r}.")
+        if not (0.0 <= self.attention_dropout < 1.0):
+            raise ValueError(f"attention_dropout must lie in [0, 1), got {self.attention_dropout!r}.")
+        layers = self.memory_layers
+        if (
+            not isinstance(layers, list)
+            or any(not isinstance(i, int) or not 0 <= i < self.num_hidden_layers for i in layers)
+            or len(set(layers)) != len(layers)
+        ):
+            raise ValueError(
+                f"memory_layers must be a list of distinct layer indices in [0, {self.num_hidden_layers}), "
+                f"got {layers!r}."
+            )
+        if self.variant == "lmm" and sorted(layers) != list(range(self.num_hidden_layers)):
+            raise ValueError(
+                f"variant='lmm' needs a memory in every layer (memory_layers = all {self.num_hidden_layers} "
+                f"layers), got {layers!r}."
+            )
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation (e.g. after editing a field): the same checks as at construction."""
+        self.check()
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+__all__ = ["TitansConfig"]

@@ -1,0 +1,875 @@
+# Copyright 2026 The titans-hf developers. Licensed under the Apache License, Version 2.0.
+"""PyTorch Titans (Behrouz, Zhong, Mirrokni 2024): decoder layers holding the neural long-term memory.
+
+Every variant of the paper is one pre-norm residual block made of the same two mixers, :class:`TitansAttention`
+and :class:`~neural_memory.NeuralMemory`, plus a SwiGLU MLP:
+
+- **LMM**  ``h = x + M(norm(x))``
+- **MAL**  ``h = x + M(norm(x))``, then ``h = h + SWA(norm(h))``                        (memory as a layer)
+- **MAG**  ``h = x + gate(SWA(norm(x)), M(norm(x)))``                                    (memory as a gate)
+- **MAC**  per segment ``s``: ``hr = M*_{s-1}(q(norm(x)))`` read before the segment, ``y = Attn([P || hr || x])``,
+  ``M`` written with ``y``, ``h = x + gate(y, M(y))``                                    (memory as context)
+
+with ``gate(y, m) = RMSNorm(y) * sigmoid(RMSNorm(m))`` (paper §4.2/4.3: normalised outputs, non-linear gating) and
+``P`` the persistent memory tokens. Choices the paper leaves open are documented where they are made and in the
+README ("Design choices").
+
+Pads: a block may hold padding anywhere (``attention_mask``). The layers move each row's real tokens to the front,
+work on them alone, and leave pad positions unchanged, so positions, memory chunks and MAC segments are counted in
+real tokens from each sequence's first one: a left-padded batch gives the same results as each prompt alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .cache_titans import TitansCache
+from .configuration_titans import TitansConfig
+from .neural_memory import NeuralMemory, NeuralMemoryState, compaction_order
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TitansRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float() if dtype in (torch.float16, torch.bfloat16) else hidden_states
+        hidden_states = hidden_states * torch.rsqrt(
+            hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
+        )
+        return self.weight * hidden_states.to(dtype)
+
+
+class TitansRotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) for the attention queries and keys, at per-sequence positions."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: TitansConfig, device=None, seq_len=None) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim)
+        )
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` of shape (batch, seq, head_dim) for ``position_ids`` (batch, seq)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates ``x`` (batch, heads, seq, head_dim) by ``cos, sin`` (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class TitansMLP(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TitansGate(nn.Module):
+    """The paper's combination of attention and memory outputs (MAG, and MAC's ``y * M(y)``):
+    ``RMSNorm(y) * sigmoid(RMSNorm(m))`` - both normalised with learnable weights, the memory through a sigmoid."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.attention_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.memory_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, attention_output: torch.Tensor, memory_output: torch.Tensor) -> torch.Tensor:
+        return self.attention_norm(attention_output) * torch.sigmoid(self.memory_norm(memory_output))
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention with a float mask; ``key``/``value`` may have fewer (grouped) heads."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Where the real tokens are
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLayout:
+    """The real tokens of a block, packed to the front of each row for the layers.
+
+    Attributes:
+        order: per row, the permutation that moves real tokens first (``None`` when every token is real).
+        counts: real tokens per row (batch,).
+        valid: (batch, seq) ``True`` for the packed real tokens (``j < counts``).
+        seen: real tokens read before this block, per row (batch,).
+        positions: (batch, seq) position of every packed token: ``seen + j``.
+        length: the block length (``seq``).
+    """
+
+    order: torch.Tensor | None
+    counts: torch.Tensor
+    valid: torch.Tensor
+    seen: torch.Tensor
+    positions: torch.Tensor
+    length: int
+
+    @classmethod
+    def build(cls, real: torch.Tensor | None, batch: int, length: int, seen: torch.Tensor) -> TokenLayout:
+        device = seen.device
+        steps = torch.arange(length, device=device)
+        if real is None or bool(real.all()):
+            counts = torch.full((batch,), length, dtype=torch.long, device=device)
+            order = None
+        else:
+            counts = real.sum(dim=1)
+            order = compaction_order(real)
+        valid = steps.unsqueeze(0) < counts.unsqueeze(1)
+        return cls(order, counts, valid, seen, seen.unsqueeze(1) + steps, length)
+
+    @property
+    def all_valid(self) -> bool:
+        return self.order is None
+
+    @property
+    def memory_mask(self) -> torch.Tensor | None:
+        return None if self.order is None else self.valid
+
+    def compact(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, ...) in input order -> real tokens first."""
+        if self.order is None:
+            return x
+        index = self.order.view(*self.order.shape, *([1] * (x.dim() - 2))).expand_as(x)
+        return x.gather(1, index)
+
+    def restore(self, packed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`compact`; pad positions keep their value from ``original``."""
+        if self.order is None:
+            return packed
+        keep = self.valid.view(*self.valid.shape, *([1] * (packed.dim() - 2)))
+        packed = torch.where(keep, packed, self.compact(original))
+        index = self.order.view(*self.order.shape, *([1] * (packed.dim() - 2))).expand_as(packed)
+        return torch.empty_like(packed).scatter(1, index, packed)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention: sliding window (MAG, MAL) and segments (MAC), with persistent memory tokens
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def window_mask_function(num_persistent: int, window: int, past: int, valid: torch.Tensor) -> Callable:
+    """Mask over keys ``[persistent || past window || block]`` for the block's queries (``q`` -> key ``past + q``).
+
+    Persistent keys are always visible; a key is visible if it is real, not in the future and within ``window``
+    of the query. Every query also sees itself, so that rows of padding stay finite.
+    """
+
+    def mask(batch_idx, head_idx, q_idx, kv_idx):
+        key = kv_idx - num_persistent
+        query = q_idx + past
+        real = valid[batch_idx, key.clamp(min=0)]
+        return (kv_idx < num_persistent) | (key == query) | (real & (key <= query) & (key > query - window))
+
+    return mask
+
+
+def segment_mask_function(num_persistent: int, segment: int, valid: torch.Tensor) -> Callable:
+    """Mask over keys ``[persistent || memory reads of the segment || segment]`` for the segment's queries.
+
+    ``valid`` (batch, 2 * segment) marks the keys that hold a token; slot ``j`` of either half is visible to the
+    query in slot ``q`` when ``j <= q`` (paper §4.1: ``h_j`` and ``x_j`` visible to token ``i`` iff ``j <= i``).
+    """
+
+    def mask(batch_idx, head_idx, q_idx, kv_idx):
+        key = (kv_idx - num_persistent).clamp(min=0)
+        slot = key % segment
+        return (kv_idx < num_persistent) | (slot == q_idx) | (valid[batch_idx, key] & (slot <= q_idx))
+
+    return mask
+
+
+class TitansAttention(nn.Module):
+    """Multi-head (grouped-query) attention with RoPE and persistent memory tokens, through Transformers'
+    attention interface (eager / sdpa / flex) and mask helpers.
+
+    Persistent memory (paper §3.3): ``num_persistent_tokens`` learned vectors of this layer, projected by the layer's
+    key and value projections (no rotation), visible to every query and never leaving the window. Because they sit
+    at the start of every sequence and causal attention lets nothing else reach them, the paper's input-level
+    persistent tokens are input-independent constants at every layer; learning them per layer is that family with
+    no per-sequence cost and nothing in the cache.
+    """
+
+    def __init__(self, config: TitansConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.num_persistent = config.num_persistent_tokens
+        self.persistent = (
+            nn.Parameter(torch.empty(self.num_persistent, config.hidden_size)) if self.num_persistent else None
+        )
+
+    # ------------------------------------------------------------------------------------------------ pieces
+
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(self._heads(self.q_proj(x), self.num_heads), cos, sin)
+
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = apply_rotary(self._heads(self.k_proj(x), self.num_key_value_heads), cos, sin)
+        return keys, self._heads(self.v_proj(x), self.num_key_value_heads)
+
+    def with_persistent(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepends the persistent keys and values (batch taken from ``keys``)."""
+        if self.persistent is None:
+            return keys, values
+        p = self.persistent.to(keys.dtype).unsqueeze(0)
+        pk = self._heads(self.k_proj(p), self.num_key_value_heads).expand(keys.shape[0], -1, -1, -1)
+        pv = self._heads(self.v_proj(p), self.num_key_value_heads).expand(keys.shape[0], -1, -1, -1)
+        return torch.cat([pk, keys], dim=2), torch.cat([pv, values], dim=2)
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_function: Callable
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Runs the configured attention implementation; returns (batch, q_len, heads * head_dim) and the weights."""
+        implementation = self.config._attn_implementation or "eager"
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[
+            implementation if implementation in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+        ](
+            batch_size=query.shape[0],
+            q_length=query.shape[2],
+            kv_length=key.shape[2],
+            mask_function=mask_function,
+            attention_mask=None,
+            allow_is_causal_skip=False,
+            dtype=query.dtype,
+            device=query.device,
+        )
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, weights = interface(
+            self,
+            query,
+            key,
+            value,
+            mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        return out.reshape(query.shape[0], query.shape[2], -1), weights
+
+    # ------------------------------------------------------------------------------------------------ MAG / MAL
+
+    def forward_window(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        layout: TokenLayout,
+        cache: dict[str, torch.Tensor] | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """Sliding-window attention of the packed block ``x`` over ``[persistent || last window || block]``.
+
+        ``cache`` holds the keys/values of the last ``sliding_window - 1`` real tokens before the block (right
+        aligned). Long blocks are cut in query blocks that each see only their window, so the cost is linear in
+        length. Returns the output, the attention weights (if asked, in packed order, of the last query block)
+        and the new cache entries (``None`` when ``cache`` is ``None``).
+        """
+        batch, length, _ = x.shape
+        window = self.config.sliding_window
+        past = window - 1
+        cos, sin = position_embeddings
+        queries = self.queries(x, cos, sin)
+        keys, values = self.keys_values(x, cos, sin)
+        if cache is not None and "keys" in cache:
+            past_keys, past_values = cache["keys"], cache["values"]
+        else:
+            past_keys = keys.new_zeros(batch, self.num_key_value_heads, past, self.head_dim)
+            past_values = torch.zeros_like(past_keys)
+        # Past slot i holds position seen - past + i; it is real once that position is >= 0.
+        past_valid = torch.arange(past, device=x.device).unsqueeze(0) >= (past - layout.seen).clamp(min=0).unsqueeze(1)
+        all_keys, all_values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
+        all_valid = torch.cat([past_valid, layout.valid], dim=1)
+
+        block = length if output_attentions else max(window, 64)
+        if length <= block:
+            key, value = self.with_persistent(all_keys, all_values)
+            mask = window_mask_function(self.num_persistent, window, past, all_valid)
+            out, weights = self.attend(queries, key, value, mask)
+        else:
+            # Query block b (positions [b B, (b+1) B)) sees block-local keys [b B, b B + past + B) of the extended
+            # sequence; the blocks are folded into the batch.
+            blocks = -(-length // block)
+            pad = blocks * block - length
+            span = past + block
+
+            def fold_keys(
+                t: torch.Tensor,
+            ) -> torch.Tensor:  # (batch, heads, past + length, d) -> (batch * blocks, ...)
+                t = F.pad(t, (0, 0, 0, pad)).unfold(2, span, block)  # (batch, heads, blocks, d, span)
+                return t.permute(0, 2, 1, 4, 3).reshape(batch * blocks, t.shape[1], span, self.head_dim)
+
+            folded_queries = F.pad(queries, (0, 0, 0, pad)).view(batch, self.num_heads, blocks, block, self.head_dim)
+            folded_queries = folded_queries.transpose(1, 2).reshape(
+                batch * blocks, self.num_heads, block, self.head_dim
+            )
+            folded_valid = F.pad(all_valid, (0, pad), value=False).unfold(1, span, block).reshape(batch * blocks, span)
+            key, value = self.with_persistent(fold_keys(all_keys), fold_keys(all_values))
+            mask = window_mask_function(self.num_persistent, window, past, folded_valid)
+            out, weights = self.attend(folded_queries, key, value, mask)
+            out = out.view(batch, blocks * block, -1)[:, :length]
+
+        new_cache = None
+        if cache is not None and past > 0:
+            # The last `past` real tokens: packed rows end their real tokens at past + counts.
+            if layout.all_valid:
+                new_keys, new_values = all_keys[:, :, length:], all_values[:, :, length:]
+            else:
+                index = (layout.counts.unsqueeze(1) + torch.arange(past, device=x.device)).view(batch, 1, past, 1)
+                index = index.expand(batch, self.num_key_value_heads, past, self.head_dim)
+                new_keys, new_values = all_keys.gather(2, index), all_values.gather(2, index)
+            new_cache = {"keys": new_keys, "values": new_values}
+        return self.o_proj(out), weights, new_cache
+
+    # ------------------------------------------------------------------------------------------------ MAC
+
+    def forward_segment(
+        self,
+        x: torch.Tensor,
+        reads: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        new: torch.Tensor,
+        buffers: dict[str, torch.Tensor] | None,
+        cached: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """MAC attention of one segment: queries from ``x`` (batch, segment, hidden) in segment slots, keys and
+        values from ``[persistent || memory reads || segment]`` (paper eq. 21-22).
+
+        ``new`` (batch, segment) marks the slots that hold this call's tokens; ``cached`` the earlier slots of a
+        segment that a previous call started, whose keys and values are in ``buffers``. Returns the output, the
+        weights and the segment's buffers (``x_keys``, ``x_values`` and, with memory reads, ``h_keys``,
+        ``h_values``).
+        """
+        cos, sin = position_embeddings
+        queries = self.queries(x, cos, sin)
+        fresh = dict(zip(("x_keys", "x_values"), self.keys_values(x, cos, sin)))
+        if reads is not None:
+            fresh.update(zip(("h_keys", "h_values"), self.keys_values(reads, cos, sin)))
+        if buffers is not None and cached is not None:
+            take_new = new.view(new.shape[0], 1, -1, 1)
+            fresh = {name: torch.where(take_new, t, buffers[name]) for name, t in fresh.items()}
+        valid = new if cached is None else new | cached
+        keys = [fresh[name] for name in ("h_keys", "x_keys") if name in fresh]
+        values = [fresh[name] for name in ("h_values", "x_values") if name in fresh]
+        key, value = self.with_persistent(torch.cat(keys, dim=2), torch.cat(values, dim=2))
+        mask = segment_mask_function(self.num_persistent, x.shape[1], valid.repeat(1, len(keys)))
+        out, weights = self.attend(queries, key, value, mask)
+        return self.o_proj(out), weights, fresh
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoder layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TitansDecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm residual block of the configured variant (see the module docstring)."""
+
+    def __init__(self, config: TitansConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.variant = config.variant
+        self.input_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attention = TitansAttention(config, layer_idx) if config.variant != "lmm" else None
+        self.memory = None
+        if layer_idx in config.memory_layers:
+            self.memory = NeuralMemory(
+                hidden_size=config.hidden_size,
+                num_heads=config.memory_num_heads,
+                head_dim=config.memory_head_dim,
+                depth=config.memory_depth,
+                expansion=config.memory_expansion,
+                chunk_size=config.memory_chunk_size,
+                conv_kernel=config.memory_conv_kernel,
+                momentum=config.memory_momentum,
+                forget=config.memory_forget,
+                max_lr=config.memory_max_lr,
+                initializer_range=config.initializer_range,
+                norm_eps=config.rms_norm_eps,
+            )
+        # MAL normalises the attention input separately from the memory input; MAG and MAC gate the two outputs.
+        self.attention_layernorm = (
+            TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            if config.variant == "mal" and self.memory is not None
+            else None
+        )
+        self.gate = TitansGate(config) if config.variant in ("mag", "mac") and self.memory is not None else None
+        self.post_attention_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = TitansMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        layout: TokenLayout,
+        cache: TitansCache | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer_cache = None if cache is None else cache.layers[self.layer_idx]
+        x = layout.compact(hidden_states)
+        memory_state = None if layer_cache is None else layer_cache.memory
+        attention_cache = None if layer_cache is None else layer_cache.tensors
+        weights = None
+
+        if self.variant == "mac":
+            h, weights, memory_state, attention_cache = self._memory_as_context(
+                x, position_embeddings, layout, memory_state, attention_cache, output_attentions
+            )
+        else:
+            h = x
+            if self.variant == "mal" and self.memory is not None:
+                memory_out, memory_state = self.memory(self.input_layernorm(h), memory_state, layout.memory_mask)
+                h = h + memory_out
+            if self.attention is None:  # LMM
+                memory_out, memory_state = self.memory(self.input_layernorm(h), memory_state, layout.memory_mask)
+                h = h + memory_out
+            else:
+                norm = self.attention_layernorm or self.input_layernorm
+                normed = norm(h)
+                attention_out, weights, attention_cache = self.attention.forward_window(
+                    normed, position_embeddings, layout, attention_cache, output_attentions
+                )
+                if self.variant == "mag" and self.memory is not None:
+                    memory_out, memory_state = self.memory(normed, memory_state, layout.memory_mask)
+                    attention_out = self.gate(attention_out, memory_out)
+                h = h + attention_out
+
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        if layer_cache is not None:
+            layer_cache.memory = memory_state
+            layer_cache.tensors = attention_cache if attention_cache is not None else {}
+        return layout.restore(h, hidden_states), weights
+
+    def _memory_as_context(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        layout: TokenLayout,
+        memory_state: NeuralMemoryState | None,
+        attention_cache: dict[str, torch.Tensor] | None,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, NeuralMemoryState | None, dict[str, torch.Tensor] | None]:
+        """MAC, segment by segment (paper §4.1, eq. 21-25), for packed tokens at per-sequence positions.
+
+        Each row's tokens are placed in segment slots (a row whose previous call stopped inside a segment starts at
+        that slot, after the cached tokens), so that all rows run their segments together. For a segment:
+        ``h = M*(q(x))`` with the weights from the start of the segment (read-only), ``y`` = attention over
+        ``[persistent || h || x]``, the memory is written with ``y`` and read back causally, ``o = gate(y, M(y))``.
+        """
+        segment = self.config.segment_size
+        batch, length, hidden = x.shape
+        device = x.device
+        use_cache = attention_cache is not None
+        phase = layout.seen % segment  # slots of the current segment filled by earlier calls
+        span = int((phase + layout.counts).max())
+        rounds = max(1, -(-span // segment))
+        slots = torch.arange(rounds * segment, device=device)
+        token = slots.unsqueeze(0) - phase.unsqueeze(1)  # packed token held by each slot
+        new = (token >= 0) & (token < layout.counts.unsqueeze(1))
+        aligned = bool((phase == 0).all()) and layout.all_valid
+
+        def to_slots(t: torch.Tensor) -> torch.Tensor:
+            if aligned:
+                return F.pad(t, (0, 0, 0, rounds * segment - length))
+            index = token.clamp(0, length - 1).view(batch, -1, 1).expand(-1, -1, t.shape[-1])
+            return t.gather(1, index)
+
+        normed = to_slots(self.input_layernorm(x))
+        cos, sin = (to_slots(t) for t in position_embeddings)
+
+        cache = attention_cache if use_cache else {}
+        buffers = {name: cache[name] for name in ("x_keys", "x_values", "h_keys", "h_values") if name in cache} or None
+        snapshot = [
+            cache[f"snapshot.{i}"] for i in range(self.config.memory_depth) if f"snapshot.{i}" in cache
+        ] or None
+        read_conv = cache.get("read_conv")
+        outputs, all_weights = [], []
+        for r in range(rounds):
+            part = slice(r * segment, (r + 1) * segment)
+            new_r = new[:, part]
+            active = new_r.any(dim=1)  # rows with tokens in this segment
+            cached = (torch.arange(segment, device=device).unsqueeze(0) < phase.unsqueeze(1)) if r == 0 else None
+            reads = None
+            if self.memory is not None:
+                if memory_state is None:
+                    memory_state = self.memory.initial_state(batch, device, self.memory.compute_dtype(x))
+                start_weights = memory_state.weights
+                if r == 0 and snapshot is not None:  # rows in the middle of a segment read with its start weights
+                    continuing = phase > 0
+                    start_weights = [_where_rows(continuing, s, w) for s, w in zip(snapshot, start_weights)]
+                reads, read_conv = self.memory.retrieve(normed[:, part], start_weights, read_conv, new_r)
+                snapshot = (
+                    start_weights
+                    if snapshot is None
+                    else [_where_rows(active, w, s) for w, s in zip(start_weights, snapshot)]
+                )
+            y, weights, fresh = self.attention.forward_segment(
+                normed[:, part], reads, (cos[:, part], sin[:, part]), new_r, buffers, cached
+            )
+            buffers = (
+                fresh if buffers is None else {name: _where_rows(active, fresh[name], buffers[name]) for name in fresh}
+            )
+            if self.memory is not None:
+                memory_out, memory_state = self.memory(y, memory_state, new_r)
+                y = self.gate(y, memory_out)
+            outputs.append(y)
+            if output_attentions:
+                all_weights.append(weights)
+
+        out = torch.cat(outputs, dim=1)
+        if aligned:
+            out = out[:, :length]
+        else:
+            index = (torch.arange(length, device=device).unsqueeze(0) + phase.unsqueeze(1)).view(batch, length, 1)
+            out = out.gather(1, index.expand(-1, -1, hidden))
+        if use_cache:
+            attention_cache = dict(buffers)
+            if snapshot is not None:
+                attention_cache.update({f"snapshot.{i}": w for i, w in enumerate(snapshot)})
+            if read_conv is not None:
+                attention_cache["read_conv"] = read_conv
+        weights = torch.cat(all_weights, dim=2) if output_attentions else None
+        return x + out, weights, memory_state, attention_cache
+
+
+def _where_rows(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(rows.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TitansPreTrainedModel(PreTrainedModel):
+    config: TitansConfig
+    config_class = TitansConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TitansDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = False  # the masks (persistent tokens, segments, per-row windows) are not flash patterns
+    _supports_attention_backend = True
+    _is_stateful = True  # the memory cannot be rolled back: no assisted generation, no cache cropping
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(TitansDecoderLayer, index=0),
+        "attentions": OutputRecorder(TitansDecoderLayer, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, TitansAttention) and module.persistent is not None:
+            init.normal_(module.persistent, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, NeuralMemory):
+            module.reset_parameters(init=init)
+
+
+class TitansModel(TitansPreTrainedModel):
+    """The bare Titans decoder: embeddings, :class:`TitansDecoderLayer` stack, final norm."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([TitansDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = TitansRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        input_ids / inputs_embeds: the new tokens, (batch, seq) or (batch, seq, hidden_size).
+        attention_mask: (batch, seq) or (batch, cached positions + seq), 1 for real tokens and 0 for padding, which
+            may sit anywhere; padding never enters the memory.
+        position_ids: optional; Titans counts positions in real tokens from each sequence's first one (as
+            `generate` does). Other positions (e.g. packed sequences) raise a `ValueError`: the memory reads a
+            stream in order.
+        cache: a [`TitansCache`] to continue from (an empty `DynamicCache`, as `generate` passes, is replaced).
+        """
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("Pass the cache once, as `cache` (`past_key_values` is its deprecated name).")
+            cache = past_key_values
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        batch, length = inputs_embeds.shape[:2]
+        output_attentions = kwargs.get("output_attentions", False)
+        if output_attentions and self.config._attn_implementation not in (None, "eager"):
+            raise ValueError("output_attentions=True needs attn_implementation='eager'.")
+
+        if use_cache or cache is not None:
+            cache = self._titans_cache(cache, batch)
+        seen = (
+            cache.seen
+            if cache is not None and cache.seen is not None
+            else torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
+        )
+        real = self._real_tokens(attention_mask, batch, length, cache)
+        layout = TokenLayout.build(real, batch, length, seen.to(inputs_embeds.device))
+        if position_ids is not None:
+            self._check_positions(position_ids, layout, real)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, layout.positions)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states, _ = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                layout=layout,
+                cache=cache,
+                output_attentions=output_attentions,
+            )
+        hidden_states = self.norm(hidden_states)
+        if cache is not None:
+            cache.seen = seen + layout.counts
+            cache.positions_read += length
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    # ------------------------------------------------------------------------------------------------ input checks
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is not None:
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise TypeError("inputs_embeds must be a floating-point tensor (batch, seq, hidden_size).")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, seq, {self.config.hidden_size}), got "
+                    f"{tuple(inputs_embeds.shape)}."
+                )
+            if inputs_embeds.shape[1] == 0:
+                raise ValueError("inputs_embeds is empty: pass at least one token.")
+            return inputs_embeds
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}.")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: pass at least one token.")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {self.config.vocab_size}) (the vocabulary), got values in [{low}, {high}]."
+            )
+        return self.embed_tokens(input_ids)
+
+    def _titans_cache(self, cache: Cache | None, batch: int) -> TitansCache:
+        if cache is None:
+            return TitansCache(self.config)
+        if not isinstance(cache, TitansCache):
+            if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                return TitansCache(self.config)  # generate() passes an empty DynamicCache
+            raise ValueError(
+                f"Titans needs a TitansCache (or an empty cache to replace), got a non-empty {type(cache).__name__}."
+            )
+        cache.check(self.config, batch)
+        return cache
+
+    @staticmethod
+    def _real_tokens(
+        attention_mask: torch.Tensor | None, batch: int, length: int, cache: TitansCache | None
+    ) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(
+                f"attention_mask must be a 2D (batch, seq) tensor of 0/1 (Titans builds its own attention masks), got "
+                f"{shape}."
+            )
+        past = 0 if cache is None else cache.positions_read
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past + length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({batch}, {length}) for the new "
+                f"tokens" + (f" or ({batch}, {past + length}) for the cached and new ones." if past else ".")
+            )
+        mask = attention_mask[:, -length:]
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1.")
+        return mask.to(torch.bool)
+
+    @staticmethod
+    def _check_positions(position_ids: torch.Tensor, layout: TokenLayout, real: torch.Tensor | None) -> None:
+        position_ids = position_ids.to(layout.positions.device)
+        if position_ids.dim() != 2 or position_ids.shape[-1] != layout.length:
+            raise ValueError(
+                f"position_ids must have shape (batch, {layout.length}), got {tuple(position_ids.shape)}."
+            )
+        expected = layout.positions
+        got = layout.compact(position_ids.expand(layout.valid.shape[0], -1))
+        if not bool(((got == expected) | ~layout.valid).all()):
+            raise ValueError(
+                "position_ids disagree with the positions Titans counts (real tokens since each sequence's first one, "
+                "continuing the cache). Titans reads a stream in order: drop position_ids, or pass cumsum(mask) - 1."
+            )
+
+
+class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
+    """Titans with a language-modelling head (tied to the input embeddings by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.model = TitansModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels: (batch, seq) token ids, -100 to ignore; shifted inside (the model predicts the next token).
+        logits_to_keep: compute logits for the last `logits_to_keep` positions only (0: all).
+
+        ```python
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_pretrained("path/to/titans", trust_remote_code=True)
+        >>> out = model(input_ids, labels=input_ids)
+        >>> out.loss.backward()
+        ```
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["TitansForCausalLM", "TitansModel", "TitansPreTrainedModel"]
