@@ -17,6 +17,10 @@ __version__ = "0.1.0"
 AutoConfig.register(TitansConfig.model_type, TitansConfig, exist_ok=True)
 AutoModel.register(TitansConfig, TitansModel, exist_ok=True)
 AutoModelForCausalLM.register(TitansConfig, TitansForCausalLM, exist_ok=True)
+# Saved folders carry the code files and an `auto_map`, for `trust_remote_code=True` loading without the package.
+TitansConfig.register_for_auto_class()
+TitansModel.register_for_auto_class("AutoModel")
+TitansForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "NeuralMemory",

@@ -646,6 +646,16 @@ class TitansPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(TitansDecoderLayer, index=1),
     }
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As in Transformers, plus an ``auto_map`` for all three Auto classes (``AutoConfig``, ``AutoModel``,
+        ``AutoModelForCausalLM``), so that the folder loads with ``trust_remote_code=True`` without the package."""
+        self.config.auto_map = {
+            "AutoConfig": "configuration_titans.TitansConfig",
+            "AutoModel": "modeling_titans.TitansModel",
+            "AutoModelForCausalLM": "modeling_titans.TitansForCausalLM",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
