@@ -73,5 +73,11 @@ def reference_forward(memory, x: torch.Tensor, write: bool = True) -> torch.Tens
                 surprise[i] = eta[t][h] * surprise[i] - theta[t][h] * g
                 weights[i] = retain[t][h] * weights[i] + surprise[i]
         reads.append(mlp(weights, q[t], memory.residual))
+        if (t + 1) % memory.chunk_size == 0 and memory.max_weight_rms is not None:
+            # Safeguard at chunk boundaries: scale each head's weights and momentum down to max_weight_rms.
+            for i in range(len(weights)):
+                for tensor in (weights, surprise):
+                    rms = tensor[i].pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+                    tensor[i] = tensor[i] * torch.clamp(memory.max_weight_rms / rms, max=1.0)
     reads = torch.stack(reads, dim=1)  # (heads, length, dim)
     return memory.output(reads.unsqueeze(0), x.unsqueeze(0))[0]

@@ -363,3 +363,53 @@ def test_causal_conv_silu_matches_conv1d_and_gradcheck():
     expected = F.silu(F.conv1d(padded.transpose(1, 2), weight.unsqueeze(1), groups=5).transpose(1, 2))
     torch.testing.assert_close(CausalConvSiLU.apply(padded, weight), expected, atol=1e-14, rtol=0)
     assert torch.autograd.gradcheck(CausalConvSiLU.apply, (padded, weight))
+
+
+# ----------------------------------------------------------------------------------------------------- safeguard
+
+
+def weight_rms(state: NeuralMemoryState) -> torch.Tensor:
+    tensors = state.weights + (state.momentum or [])
+    return torch.stack([t.pow(2).mean(dim=(-2, -1)).sqrt().max() for t in tensors]).max()
+
+
+def correlated_inputs(length: int, hidden: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Tokens that share most of their direction: the hard case for summed chunk gradients with momentum."""
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randn(1, 1, hidden, generator=generator, dtype=dtype)
+    return common + 0.3 * torch.randn(1, length, hidden, generator=generator, dtype=dtype)
+
+
+def test_weight_safeguard_matches_the_twin_when_it_acts():
+    memory = make_memory(chunk_size=4, max_lr=1.0, max_weight_rms=0.4)
+    x = correlated_inputs(30, 12)
+    out, state = memory(x)
+    assert abs(weight_rms(state).item() - 0.4) < 1e-12  # the bound acted
+    torch.testing.assert_close(out[0], reference_forward(memory, x[0]), atol=1e-10, rtol=0)
+
+
+def test_weight_safeguard_keeps_a_diverging_memory_finite_and_bounded():
+    torch.manual_seed(0)
+    kwargs = dict(hidden_size=64, num_heads=2, head_dim=32, chunk_size=64, max_lr=0.05, init_lr_fraction=0.9)
+    x = correlated_inputs(2048, 64, dtype=torch.float32)
+    free = NeuralMemory(**kwargs, max_weight_rms=None)
+    guarded = NeuralMemory(**kwargs)
+    guarded.load_state_dict(free.state_dict())
+    with torch.no_grad():
+        _, free_state = free(x)
+        out, state = guarded(x)
+    assert not torch.isfinite(weight_rms(free_state)) or weight_rms(free_state) > 1e3  # diverges without it
+    assert torch.isfinite(out).all()
+    assert weight_rms(state) <= 1.0 + 1e-6
+
+
+def test_weight_safeguard_does_not_change_the_normal_range():
+    torch.manual_seed(0)
+    memory = NeuralMemory(hidden_size=64, num_heads=2, head_dim=32, chunk_size=16)
+    x = torch.randn(2, 512, 64)
+    with torch.no_grad():
+        guarded, state = memory(x)
+        memory.max_weight_rms = None
+        free, _ = memory(x)
+    assert weight_rms(state) < 1.0
+    assert torch.equal(guarded, free)

@@ -48,7 +48,12 @@ class TitansConfig(PreTrainedConfig):
     memory_conv_kernel (`int`, defaults to 4): causal depthwise convolution on q, k, v (0 or 1: none).
     memory_momentum (`bool`, defaults to `True`): the momentum ("surprise") term (eq. 14).
     memory_forget (`bool`, defaults to `True`): the data-dependent forgetting gate (eq. 13).
-    memory_max_lr (`float`, defaults to 0.1): upper bound of the inner learning rate.
+    memory_max_lr (`float`, defaults to 0.01): upper bound of the inner learning rate (at initialisation it is a
+        tenth of it). Chunked gradient steps add up over a chunk and momentum multiplies them: larger values suit
+        small chunks.
+    memory_max_weight_rms (`float`, *optional*, defaults to 1.0): safeguard; at every chunk boundary the memory's
+        fast weights and momentum are scaled down to this root-mean-square value if they exceed it (`None`: off).
+        It does nothing in the normal range and keeps a diverging inner optimisation finite.
 
     ```python
     >>> from titans_hf import TitansConfig, TitansForCausalLM
@@ -92,7 +97,8 @@ class TitansConfig(PreTrainedConfig):
     memory_conv_kernel: int = 4
     memory_momentum: bool = True
     memory_forget: bool = True
-    memory_max_lr: float | int = 0.1
+    memory_max_lr: float | int = 0.01
+    memory_max_weight_rms: float | int | None = 1.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.variant, str):
@@ -160,6 +166,8 @@ class TitansConfig(PreTrainedConfig):
             raise ValueError(f"memory_conv_kernel must be an integer >= 0, got {self.memory_conv_kernel!r}.")
         if not (self.memory_max_lr > 0):
             raise ValueError(f"memory_max_lr must be > 0, got {self.memory_max_lr!r}.")
+        if self.memory_max_weight_rms is not None and not (self.memory_max_weight_rms > 0):
+            raise ValueError(f"memory_max_weight_rms must be None (off) or > 0, got {self.memory_max_weight_rms!r}.")
         if not (0.0 <= self.attention_dropout < 1.0):
             raise ValueError(f"attention_dropout must lie in [0, 1), got {self.attention_dropout!r}.")
         layers = self.memory_layers

@@ -471,6 +471,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 momentum=config.memory_momentum,
                 forget=config.memory_forget,
                 max_lr=config.memory_max_lr,
+                max_weight_rms=config.memory_max_weight_rms,
                 initializer_range=config.initializer_range,
                 norm_eps=config.rms_norm_eps,
             )

@@ -567,6 +567,10 @@ class NeuralMemory(nn.Module):
         momentum: use the momentum ("surprise") term ``S`` (eq. 14); without it ``S_t = -theta_t grad``.
         forget: use the data-dependent forgetting gate ``alpha`` (eq. 13); without it nothing is forgotten.
         max_lr: upper bound of the inner learning rate ``theta = max_lr * sigmoid(.)``.
+        max_weight_rms: safeguard: at every chunk boundary, each head's fast weights and momentum of each memory layer
+            are scaled down to this root-mean-square value if they exceed it (``None``: off). Far above the normal
+            range (initial weights have RMS ``1/sqrt(d_in)``), it only acts when the inner optimisation diverges
+            (too large a learning rate for the chunk size and the data), keeping the memory finite and bounded.
         init_retention: retention ``1 - alpha`` at initialisation (through the gate bias).
         init_momentum: momentum decay ``eta`` at initialisation.
         init_lr_fraction: ``theta / max_lr`` at initialisation.
@@ -585,10 +589,11 @@ class NeuralMemory(nn.Module):
         conv_kernel: int = 4,
         momentum: bool = True,
         forget: bool = True,
-        max_lr: float = 0.1,
+        max_lr: float = 0.01,
+        max_weight_rms: float | None = 1.0,
         init_retention: float = 0.995,
         init_momentum: float = 0.9,
-        init_lr_fraction: float = 0.5,
+        init_lr_fraction: float = 0.1,
         initializer_range: float = 0.02,
         norm_eps: float = 1e-6,
     ):
@@ -606,6 +611,10 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"{name} must be True or False, got {value!r}.")
         if not (isinstance(max_lr, (int, float)) and math.isfinite(max_lr) and max_lr > 0):
             raise ValueError(f"max_lr must be a finite number > 0, got {max_lr!r}.")
+        if max_weight_rms is not None and not (
+            isinstance(max_weight_rms, (int, float)) and math.isfinite(max_weight_rms) and max_weight_rms > 0
+        ):
+            raise ValueError(f"max_weight_rms must be None (off) or a finite number > 0, got {max_weight_rms!r}.")
         for name, value in (
             ("init_retention", init_retention),
             ("init_momentum", init_momentum),
@@ -624,6 +633,7 @@ class NeuralMemory(nn.Module):
         self.use_momentum = momentum
         self.use_forget = forget
         self.max_lr = float(max_lr)
+        self.max_weight_rms = None if max_weight_rms is None else float(max_weight_rms)
         self.init_retention = init_retention
         self.init_momentum = init_momentum
         self.init_lr_fraction = init_lr_fraction
@@ -891,10 +901,10 @@ class NeuralMemory(nn.Module):
             y, new_states = chunk_update(states, q_n, k_n, t_n, coefficients[n])
             reads.append(y)
             if n < always:
-                states = new_states
+                states = self.bound(new_states)
             elif n < never:
                 done = completed > n
-                states = [_where_batch(done, a, b) for a, b in zip(new_states, states)]
+                states = [_where_batch(done, a, b) for a, b in zip(self.bound(new_states), states)]
         reads = torch.stack(reads).permute(1, 2, 0, 3, 4).flatten(2, 3)  # chunk-major: contiguous gradients per chunk
         if self.residual:
             reads = reads + queries
@@ -932,6 +942,16 @@ class NeuralMemory(nn.Module):
             seen=state.seen + new,
         )
         return reads, new_state
+
+    def bound(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The ``max_weight_rms`` safeguard, applied to each layer's ``[W; S]`` (batch, heads, s, d_in, d_out)."""
+        if self.max_weight_rms is None:
+            return states
+        bounded = []
+        for state in states:
+            rms = state.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
+            bounded.append(state * (self.max_weight_rms / rms.clamp_min(1e-30)).clamp(max=1.0))
+        return bounded
 
     def retrieve(
         self,
@@ -1014,7 +1034,7 @@ class NeuralMemory(nn.Module):
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, depth={self.depth}, expansion={self.expansion}, "
             f"chunk_size={self.chunk_size}, conv_kernel={self.conv_kernel}, momentum={self.use_momentum}, "
-            f"forget={self.use_forget}, max_lr={self.max_lr}"
+            f"forget={self.use_forget}, max_lr={self.max_lr}, max_weight_rms={self.max_weight_rms}"
         )
 
 
