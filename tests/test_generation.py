@@ -120,7 +120,9 @@ def test_generate_sampling_num_return_sequences_and_continuation(variant):
     assert isinstance(first.cache, TitansCache)
     # (the mask is passed: generate would otherwise take generated pad-id tokens for padding)
     mask = torch.ones_like(first.sequences)
-    second = model.generate(first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=6, min_new_tokens=6)
+    second = model.generate(
+        first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=6, min_new_tokens=6
+    )
     whole = model.generate(prompt, max_new_tokens=13, min_new_tokens=13)
     assert torch.equal(second, whole)
 
@@ -238,7 +240,9 @@ def test_snapshot_round_trip_gives_identical_continuations(variant, tmp_path):
     continued = model.generate(x[:, :19], max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True)
     copy = continued.cache.copy()
     mask = torch.ones_like(continued.sequences)
-    one = model.generate(continued.sequences, attention_mask=mask, cache=continued.cache, max_new_tokens=4, min_new_tokens=4)
+    one = model.generate(
+        continued.sequences, attention_mask=mask, cache=continued.cache, max_new_tokens=4, min_new_tokens=4
+    )
     two = model.generate(continued.sequences, attention_mask=mask, cache=copy, max_new_tokens=4, min_new_tokens=4)
     assert torch.equal(one, two)
 

@@ -136,7 +136,13 @@ def test_auto_classes_and_round_trip(tmp_path):
         "AutoModelForCausalLM": "modeling_titans.TitansForCausalLM",
     }
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"model.safetensors", "modeling_titans.py", "configuration_titans.py", "neural_memory.py", "cache_titans.py"} <= files
+    assert {
+        "model.safetensors",
+        "modeling_titans.py",
+        "configuration_titans.py",
+        "neural_memory.py",
+        "cache_titans.py",
+    } <= files
     assert not any(name.endswith(".bin") for name in files)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), TitansConfig)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

@@ -32,7 +32,9 @@ def tiny_config(variant: str = "mag", **overrides) -> TitansConfig:
     return TitansConfig(**config)
 
 
-def tiny_model(variant: str = "mag", dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> TitansForCausalLM:
+def tiny_model(
+    variant: str = "mag", dtype: torch.dtype = torch.float64, seed: int = 0, **overrides
+) -> TitansForCausalLM:
     """A tiny model with its memory gates spread away from their initial values (so that every term matters) and
     a non-zero pad embedding (so that a pad leaking anywhere would show)."""
     torch.manual_seed(seed)

@@ -3,8 +3,8 @@
 
 Per layer it holds what the layer needs to continue a stream at any token, exactly:
 
-- the neural memory's :class:`~neural_memory.NeuralMemoryState` (chunk-start fast weights and momentum per
-  sequence and head, the unfinished chunk's keys/values/gates, the conv tail);
+- the neural memory's :class:`~neural_memory.NeuralMemoryState` (current fast weights and momentum per sequence
+  and head, the weights at the last chunk boundary where the current chunk's gradients are taken, the conv tail);
 - MAG / MAL: the keys and values of the last ``sliding_window - 1`` tokens;
 - MAC: the keys and values of the current segment's tokens and of their memory reads, the memory weights at the
   segment start (the reads of a segment all use them) and the conv tail of the read queries.
@@ -231,10 +231,16 @@ class TitansCache(Cache):
     @classmethod
     def load(cls, path: str | Path, config, device=None) -> TitansCache:
         """Reads a cache written by :meth:`save`; raises ``ValueError`` if it was made for another configuration."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except SafetensorError as error:
+            raise ValueError(
+                f"Could not read the cache snapshot {path}: {error}. The file is truncated or corrupt, or not a "
+                "safetensors file."
+            ) from error
         if "signature" not in metadata:
             raise ValueError(f"{path} is not a TitansCache snapshot (no signature in its metadata).")
         cache = cls(config)
@@ -251,7 +257,7 @@ class TitansCache(Cache):
             memory = {name[len("memory.") :]: t for name, t in mine.items() if name.startswith("memory.")}
             layer.tensors = {name: t for name, t in mine.items() if not name.startswith("memory.")}
             if memory:
-                layer.memory = NeuralMemoryState.from_tensors(memory)
+                layer.memory = NeuralMemoryState.from_tensors(memory, config.memory_chunk_size)
         return cache
 
 

@@ -657,6 +657,78 @@ class TitansPreTrainedModel(PreTrainedModel):
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As in Transformers, with two safety rules.
+
+        - Weights load from safetensors only: no pickle (``pytorch_model.bin``) is ever read.
+        - The weights must match the configuration: tensors of another shape, tensors the model needs that the
+          checkpoint lacks, and tensors of the checkpoint the model has no place for raise a ``ValueError`` naming
+          them (Transformers would re-initialise or drop them with a warning). ``ignore_mismatched_sizes=True``
+          re-initialises tensors of another shape as in Transformers; a task head missing from a base-model
+          checkpoint (e.g. an untied ``lm_head``) is initialised as usual.
+
+        A truncated or corrupt weights file raises a ``ValueError`` naming the checkpoint.
+        """
+        import os
+
+        from safetensors import SafetensorError
+
+        source = str(pretrained_model_name_or_path)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("Titans checkpoints load from safetensors only; use_safetensors=False is not supported.")
+        if os.path.isdir(source):
+            files = os.listdir(source)
+            if not any(f.endswith(".safetensors") for f in files):
+                pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+                if pickled:
+                    raise ValueError(
+                        f"{source} holds pickled weights ({', '.join(pickled)}) but no safetensors file. Titans loads "
+                        "safetensors only (unpickling can run arbitrary code): convert them with a trusted copy, "
+                        "e.g. model.load_state_dict(torch.load(path, weights_only=True)); model.save_pretrained(dir)."
+                    )
+        kwargs["use_safetensors"] = True
+        ignore_mismatched_sizes = bool(kwargs.pop("ignore_mismatched_sizes", False))
+        output_loading_info = bool(kwargs.pop("output_loading_info", False))
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                **kwargs,
+            )
+        except SafetensorError as error:
+            raise ValueError(
+                f"Could not read the weights of {source}: {error}. The safetensors file is truncated or corrupt (an "
+                "interrupted download or copy?): download or save it again."
+            ) from error
+
+        def base(key: str) -> bool:  # a tensor of the base model (not of a task head)
+            return model.base_model is model or key.startswith(f"{cls.base_model_prefix}.")
+
+        def listing(keys: list[str]) -> str:
+            keys = sorted(keys)
+            return ", ".join(keys[:12]) + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
+
+        mismatched = [] if ignore_mismatched_sizes else sorted(info["mismatched_keys"])
+        missing = [k for k in info["missing_keys"] if base(k)]
+        unexpected = list(info["unexpected_keys"])
+        if mismatched or missing or unexpected:
+            problems = []
+            if mismatched:
+                shapes = [f"{k} (checkpoint {tuple(a)}, model {tuple(b)})" for k, a, b in mismatched]
+                problems.append(f"tensors of another shape: {listing(shapes)}")
+            if missing:
+                problems.append(f"tensors the model needs but the checkpoint lacks: {listing(missing)}")
+            if unexpected:
+                problems.append(f"tensors of the checkpoint the model has no place for: {listing(unexpected)}")
+            raise ValueError(
+                f"The weights of {source} do not match its configuration:\n- " + "\n- ".join(problems) + "\nWas the "
+                "configuration edited, or the weights saved by a model of another configuration?"
+            )
+        return (model, info) if output_loading_info else model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -753,8 +825,11 @@ class TitansModel(TitansPreTrainedModel):
                     f"inputs_embeds must have shape (batch, seq, {self.config.hidden_size}), got "
                     f"{tuple(inputs_embeds.shape)}."
                 )
-            if inputs_embeds.shape[1] == 0:
-                raise ValueError("inputs_embeds is empty: pass at least one token.")
+            if inputs_embeds.numel() == 0:
+                raise ValueError(
+                    f"inputs_embeds is empty (shape {tuple(inputs_embeds.shape)}): pass at least one sequence of at "
+                    "least one token."
+                )
             return inputs_embeds
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}.")
@@ -762,8 +837,10 @@ class TitansModel(TitansPreTrainedModel):
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: pass at least one token.")
+        if input_ids.numel() == 0:
+            raise ValueError(
+                f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one sequence of at least one token."
+            )
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(

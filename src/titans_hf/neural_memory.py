@@ -111,6 +111,15 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _select_rows(rows: torch.Tensor, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per sequence (``rows``, (batch,) bool), ``new`` where true and ``old`` where false, for lists of tensors."""
+    if bool(rows.all()):
+        return list(new)
+    if not bool(rows.any()):
+        return list(old)
+    return [_where_batch(rows, a, b) for a, b in zip(new, old)]
+
+
 def _where_batch(condition: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``torch.where`` with a per-sample ``condition`` (batch,) broadcast over the other dimensions."""
     return torch.where(condition.view(-1, *([1] * (new.dim() - 1))), new, old)
@@ -189,28 +198,44 @@ class ChunkCoefficients:
 
     @classmethod
     def from_gates(
-        cls, lr: torch.Tensor, log_momentum: torch.Tensor | None, log_retention: torch.Tensor
+        cls,
+        lr: torch.Tensor,
+        log_momentum: torch.Tensor | None,
+        log_retention: torch.Tensor,
+        last: torch.Tensor | None = None,
     ) -> ChunkCoefficients:
-        """From per-token gates ``theta``, ``log eta``, ``log r`` (..., C), as exp of segment sums of logs."""
+        """From per-token gates ``theta``, ``log eta``, ``log r`` (..., C), as exp of segment sums of logs.
+
+        ``last`` (shape ``lr.shape[:-1]``, int64) is the token after which the state is carried (default: the last
+        slot). Slots after it must not move the state: with momentum, ``W_t = r W_{t-1} + S_t`` moves ``W`` even
+        where the gradient is zero, so a run shorter than its slots is carried from its own last token.
+        """
         retention_decay = torch.exp(segsum(log_retention))  # beta_i / beta_l for l <= i, else 0
         beta = torch.exp(torch.cumsum(log_retention, dim=-1))
         step = (-2.0 * lr).unsqueeze(-2)
+
+        def at_last(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+            if last is None:
+                return x[..., -1, :] if rows else x[..., -1]
+            if rows:
+                return x.gather(-2, last[..., None, None].expand(*last.shape, 1, x.shape[-1])).squeeze(-2)
+            return x.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+
         if log_momentum is None:
             gain = retention_decay * step
-            read = beta.unsqueeze(-1)
-            write = gain[..., -1, :].unsqueeze(-1)
-            transition = beta[..., -1:, None]
-        else:
-            momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
-            m = torch.exp(torch.cumsum(log_momentum, dim=-1))
-            gain = (retention_decay @ momentum_decay) * step
-            f = (retention_decay @ m.unsqueeze(-1)).squeeze(-1)
-            read = torch.stack([beta, f], dim=-1)
-            write = torch.stack([gain[..., -1, :], momentum_decay[..., -1, :] * step.squeeze(-2)], dim=-1)
-            zero = torch.zeros_like(m[..., -1])
-            transition = torch.stack(
-                [torch.stack([beta[..., -1], f[..., -1]], -1), torch.stack([zero, m[..., -1]], -1)], dim=-2
+            return cls(
+                beta.unsqueeze(-1), gain, at_last(gain, rows=True).unsqueeze(-1), at_last(beta)[..., None, None]
             )
+        momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
+        m = torch.exp(torch.cumsum(log_momentum, dim=-1))
+        gain = (retention_decay @ momentum_decay) * step
+        f = (retention_decay @ m.unsqueeze(-1)).squeeze(-1)
+        read = torch.stack([beta, f], dim=-1)
+        write = torch.stack([at_last(gain, rows=True), at_last(momentum_decay, rows=True) * step.squeeze(-2)], dim=-1)
+        beta_last, f_last, m_last = at_last(beta), at_last(f), at_last(m)
+        transition = torch.stack(
+            [torch.stack([beta_last, f_last], -1), torch.stack([torch.zeros_like(m_last), m_last], -1)], dim=-2
+        )
         return cls(read, gain, write, transition)
 
     def unbind(self, dim: int) -> list[ChunkCoefficients]:
@@ -221,16 +246,19 @@ class ChunkCoefficients:
 
 def chunk_forward(
     states: list[torch.Tensor],
+    gradient_weights: list[torch.Tensor],
     queries: torch.Tensor,
     keys: torch.Tensor,
     targets: torch.Tensor,
     coefficients: ChunkCoefficients,
 ) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
-    """One chunk of the memory in closed form (DESIGN.md §2): read every token, and carry the state past the chunk.
+    """A run of tokens of one chunk in closed form (DESIGN.md §2): read every token, carry the state past the last.
 
     Args:
-        states: chunk-start state of each memory layer, the stack ``[W0; S0]`` (or ``[W0]`` without momentum) of
-            shape (batch, heads, s, d_in, d_out).
+        states: the state before the run, per memory layer the stack ``[W0; S0]`` (or ``[W0]`` without momentum)
+            of shape (batch, heads, s, d_in, d_out).
+        gradient_weights: the weights at the chunk's start, where every gradient of the chunk is taken
+            (``states[l][:, :, 0]`` when the run starts the chunk), (batch, heads, d_in, d_out) per layer.
         queries, keys: (batch, heads, chunk, head_dim).
         targets: what the memory MLP must map the keys to (see :func:`memory_errors`), (batch, heads, chunk, head_dim).
         coefficients: the chunk's :class:`ChunkCoefficients`.
@@ -244,7 +272,7 @@ def chunk_forward(
     token, and the intermediates that backward needs.
     """
     c = coefficients
-    inputs, key_pre, errors, deltas = memory_errors([state[:, :, 0] for state in states], keys, targets)
+    inputs, key_pre, errors, deltas = memory_errors(gradient_weights, keys, targets)
 
     a, query_pre = queries, []
     for layer, (state, abar, delta) in enumerate(zip(states, inputs, deltas)):
@@ -286,26 +314,36 @@ class ChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries, keys, targets, read, gain, write, transition, *states):
+    def forward(ctx, queries, keys, targets, read, gain, write, transition, *weights_and_states):
+        depth = len(weights_and_states) // 2
+        gradient_weights, states = weights_and_states[:depth], weights_and_states[depth:]
         coefficients = ChunkCoefficients(read, gain, write, transition)
         reads, new_states, (_, last_delta, query_pre) = chunk_forward(
-            list(states), queries, keys, targets, coefficients
+            list(states), list(gradient_weights), queries, keys, targets, coefficients
         )
-        ctx.depth = len(states)
+        ctx.depth = depth
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(queries, keys, read, gain, write, transition, last_delta, *states, *query_pre)
+        ctx.save_for_backward(
+            queries, keys, read, gain, write, transition, last_delta, *weights_and_states, *query_pre
+        )
         return (reads, *new_states)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_reads, *grad_states):
+        # The forward ran with autocast off (float32 state); so does the backward, even if called inside autocast.
+        device = next((g.device.type for g in (grad_reads, *grad_states) if g is not None), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return ChunkFunction._backward(ctx, grad_reads, *grad_states)
+
+    @staticmethod
+    def _backward(ctx, grad_reads, *grad_states):
         depth = ctx.depth
         queries, keys, read, gain, write, transition, last_delta, *rest = ctx.saved_tensors
-        states, query_pre = rest[:depth], rest[depth:]
+        weights, states, query_pre = rest[:depth], rest[depth : 2 * depth], rest[2 * depth :]
         gelu_backward = torch.ops.aten.gelu_backward
 
         # Recompute the cheap intermediates of the forward pass: the keys' side, errors and similarities.
-        weights = [state[:, :, 0] for state in states]
         abars, key_pre = [keys], []
         for w in weights[:-1]:
             key_pre.append(abars[-1] @ w)
@@ -362,7 +400,7 @@ class ChunkFunction(torch.autograd.Function):
             d_deltas[layer] = _accumulate(d_deltas[layer], (d_scaled * slot_writes).sum(-2))
             d_write = _accumulate(d_write, (d_scaled * deltas[layer].unsqueeze(-2)).sum(-1))
 
-        # Key side: d_weights[l] is the gradient of W_l = state_l[:, :, 0] through the keys' forward and errors.
+        # Key side: d_weights[l] is the gradient of the gradient weights W_l through the keys' forward and errors.
         d_weights: list[torch.Tensor | None] = [None] * depth
         # Errors: delta_l = GELU'(pbar_l) * e_l with e_l = delta_{l+1} W_{l+1}^T.
         d_key_pre: list[torch.Tensor | None] = [None] * (depth - 1)
@@ -385,12 +423,7 @@ class ChunkFunction(torch.autograd.Function):
                 continue
             d_weights[layer] = _accumulate(d_weights[layer], abars[layer].transpose(-1, -2) @ d_pbar)
             d_abars[layer] = _accumulate(d_abars[layer], d_pbar @ weights[layer].transpose(-1, -2))
-        for layer, d_weight in enumerate(d_weights):
-            if d_weight is not None:
-                if d_states[layer] is None:
-                    d_states[layer] = torch.zeros_like(states[layer])
-                d_states[layer][:, :, 0] += d_weight
-        return (d_queries, d_abars[0], d_targets, d_read, d_gain, d_write, d_transition, *d_states)
+        return (d_queries, d_abars[0], d_targets, d_read, d_gain, d_write, d_transition, *d_weights, *d_states)
 
 
 class CausalConvSiLU(torch.autograd.Function):
@@ -430,6 +463,7 @@ class CausalConvSiLU(torch.autograd.Function):
 
 def chunk_update(
     states: list[torch.Tensor],
+    gradient_weights: list[torch.Tensor],
     queries: torch.Tensor,
     keys: torch.Tensor,
     targets: torch.Tensor,
@@ -437,11 +471,11 @@ def chunk_update(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`chunk_forward` without its intermediates, through :class:`ChunkFunction` when gradients are needed."""
     c = coefficients
-    inputs = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *states)
+    inputs = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *gradient_weights, *states)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         reads, *new_states = ChunkFunction.apply(*inputs)
         return reads, new_states
-    reads, new_states, _ = chunk_forward(states, queries, keys, targets, c)
+    reads, new_states, _ = chunk_forward(states, gradient_weights, queries, keys, targets, c)
     return reads, new_states
 
 
@@ -461,16 +495,16 @@ class NeuralMemoryState:
     """Everything the memory needs to continue a stream exactly, for a batch of independent sequences.
 
     Attributes:
-        weights: fast weights at the last chunk boundary, one (batch, heads, d_in, d_out) tensor per memory layer
+        weights: the current fast weights ``W_t``, one (batch, heads, d_in, d_out) tensor per memory layer
             (float32, or float64 when the module runs in float64).
-        momentum: momentum ``S`` at the last chunk boundary (same shapes), or ``None`` when momentum is disabled.
+        momentum: the current momentum ``S_t`` (same shapes), or ``None`` when momentum is disabled.
+        chunk_weights: the fast weights at the last chunk boundary, where the gradients of the current chunk are
+            taken (equal to ``weights`` on a boundary).
         conv: the last ``conv_kernel - 1`` projected (pre-convolution) ``q|k|v`` rows of real tokens,
             (batch, conv_kernel - 1, 3 * heads * head_dim); ``None`` without convolution.
-        keys, values: the tokens of the unfinished chunk, (batch, heads, chunk_size - 1, head_dim): the last
-            ``seen % chunk_size`` slots hold them (right-aligned), the others are zero.
-        lr, log_momentum, log_retention: their gates, (batch, heads, chunk_size - 1) (``log_momentum`` is ``None``
-            when momentum is disabled).
-        seen: number of real tokens written so far per sequence, (batch,) int64.
+        seen: number of real tokens written so far per sequence, (batch,) int64; ``seen % chunk_size`` of them
+            are in the current chunk.
+        chunk_size: the chunk size of the memory that made the state (not a tensor).
 
     Every tensor has the batch as its first dimension, so the state can be detached, moved, indexed and reordered
     like one tensor (see :meth:`apply`). Its size does not depend on how many tokens were read.
@@ -478,13 +512,10 @@ class NeuralMemoryState:
 
     weights: list[torch.Tensor]
     momentum: list[torch.Tensor] | None
+    chunk_weights: list[torch.Tensor]
     conv: torch.Tensor | None
-    keys: torch.Tensor
-    values: torch.Tensor
-    lr: torch.Tensor
-    log_momentum: torch.Tensor | None
-    log_retention: torch.Tensor
     seen: torch.Tensor
+    chunk_size: int
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NeuralMemoryState:
         """A new state with ``fn`` applied to every tensor (lists element-wise; ``None`` stays ``None``)."""
@@ -493,7 +524,7 @@ class NeuralMemoryState:
             value = getattr(self, field.name)
             if isinstance(value, list):
                 value = [fn(t) for t in value]
-            elif value is not None:
+            elif isinstance(value, torch.Tensor):
                 value = fn(value)
             values[field.name] = value
         return NeuralMemoryState(**values)
@@ -524,15 +555,17 @@ class NeuralMemoryState:
             value = getattr(self, field.name)
             if isinstance(value, list):
                 out.update({f"{field.name}.{i}": t for i, t in enumerate(value)})
-            elif value is not None:
+            elif isinstance(value, torch.Tensor):
                 out[field.name] = value
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> NeuralMemoryState:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], chunk_size: int) -> NeuralMemoryState:
         """Inverse of :meth:`tensors`."""
-        values = {}
+        values = {"chunk_size": chunk_size}
         for field in fields(cls):
+            if field.name == "chunk_size":
+                continue
             listed = sorted(
                 (int(k.rsplit(".", 1)[1]), t) for k, t in tensors.items() if k.startswith(f"{field.name}.")
             )
@@ -713,33 +746,29 @@ class NeuralMemory(nn.Module):
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def initial_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> NeuralMemoryState:
-        """The state before the first token: ``W_0`` for every sequence, zero momentum, empty buffers.
+        """The state before the first token: ``W_0`` for every sequence, zero momentum.
 
         ``dtype`` is the dtype of the fast weights (float32, or float64 for exact checks); the conv tail takes the
         module's dtype.
         """
         device = device if device is not None else self.norm_weight.device
-        heads, dim, pending = self.num_heads, self.head_dim, self.chunk_size - 1
         weights = [w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights]
         conv = None
         if self.conv_weight is not None:
             conv = torch.zeros(
-                batch_size, self.conv_kernel - 1, 3 * heads * dim, device=device, dtype=self.qkv_proj.weight.dtype
+                batch_size,
+                self.conv_kernel - 1,
+                3 * self.num_heads * self.head_dim,
+                device=device,
+                dtype=self.qkv_proj.weight.dtype,
             )
-
-        def zeros() -> torch.Tensor:
-            return torch.zeros(batch_size, heads, pending, device=device, dtype=dtype)
-
         return NeuralMemoryState(
             weights=weights,
             momentum=[torch.zeros_like(w) for w in weights] if self.use_momentum else None,
+            chunk_weights=weights,
             conv=conv,
-            keys=torch.zeros(batch_size, heads, pending, dim, device=device, dtype=dtype),
-            values=torch.zeros(batch_size, heads, pending, dim, device=device, dtype=dtype),
-            lr=zeros(),
-            log_momentum=zeros() if self.use_momentum else None,
-            log_retention=zeros(),
             seen=torch.zeros(batch_size, dtype=torch.long, device=device),
+            chunk_size=self.chunk_size,
         )
 
     def causal_conv(
@@ -794,7 +823,7 @@ class NeuralMemory(nn.Module):
             hidden_states: (batch, seq, hidden_size).
             state: where the stream stopped (``None``: a new stream, starting from ``W_0``).
             mask: (batch, seq) of 0/1 or bool; a 0 token writes nothing, moves no chunk boundary and gets a zero output.
-            write: ``False`` is the "memory never written" ablation: every token reads the state's chunk-start
+            write: ``False`` is the "memory never written" ablation: every token reads the state's current
                 weights and the state is returned unchanged.
 
         Returns:
@@ -818,10 +847,12 @@ class NeuralMemory(nn.Module):
             if not write:
                 reads, new_state = memory_mlp(state.weights, q, self.residual), state
             else:
-                lr = self.lr(x).to(dtype).transpose(1, 2)
-                log_momentum = self.log_momentum(x)
+                # Autocast is off here: the gates run in their weights' dtype (under autocast, e.g. MAC, x is bf16).
+                gate_x = x.to(self.lr_proj.weight.dtype)
+                lr = self.lr(gate_x).to(dtype).transpose(1, 2)
+                log_momentum = self.log_momentum(gate_x)
                 log_momentum = None if log_momentum is None else log_momentum.to(dtype).transpose(1, 2)
-                log_retention = self.log_retention(x).to(dtype).transpose(1, 2)
+                log_retention = self.log_retention(gate_x).to(dtype).transpose(1, 2)
                 reads, new_state = self._read_write(state, q, k, v, lr, log_momentum, log_retention, counts, length)
                 new_state.conv = conv_tail
         return _restore(self.output(reads, x), counts, order), new_state
@@ -838,108 +869,105 @@ class NeuralMemory(nn.Module):
         counts: torch.Tensor | None,
         length: int,
     ) -> tuple[torch.Tensor, NeuralMemoryState]:
-        """The chunk loop over ``[unfinished chunk of the state || new real tokens]``, aligned on chunk boundaries."""
+        """The chunk loop, continuing each sequence from wherever it stopped.
+
+        A sequence that stopped ``phase`` tokens into a chunk first finishes that chunk (its ``C - phase`` next
+        tokens: gradients still at the chunk's start weights, reads and carry from the running state), then runs
+        whole chunks. Slot layout: the first ``head`` slots hold each sequence's tokens up to its next boundary
+        (``head`` = the longest such run; shorter runs end in identity slots), then chunks of ``C`` slots.
+        Identity slots (padding of the layout) have ``theta = 0`` and gates of 1: they change nothing.
+        """
         size = self.chunk_size
-        pending = size - 1
         batch = q.shape[0]
         device = q.device
-        buffered = state.seen % size  # tokens of the unfinished chunk, per sequence
+        phase = state.seen % size  # tokens already in the current chunk
         new = counts if counts is not None else torch.full((batch,), length, device=device, dtype=torch.long)
-        total = buffered + new  # tokens from the last chunk boundary to the end of this block
+        first = torch.minimum(new, size - phase)  # tokens up to the next chunk boundary
+        head = int(first.max())
+        chunks = -(-int((new - first).max()) // size)
+        slots = head + chunks * size
+        if slots == 0:  # no real token in any sequence
+            return q.new_zeros(q.shape), state
 
-        # Align: slot j of sequence b holds token j after its last chunk boundary (buffered ones first).
-        streams = [state.keys, state.values, state.lr, state.log_retention]
-        news = [k, v, lr, log_retention]
-        if log_momentum is not None:
-            streams.append(state.log_momentum)
-            news.append(log_momentum)
-        span = int(total.max())
-        padded_span = max(size, -(-span // size) * size)
-        contiguous = counts is None and int(buffered.max()) == 0
-        if contiguous:
-            # Every sequence starts on a chunk boundary with all tokens real (training): no gather needed.
-            aligned = [_pad_time(x, padded_span) for x in news]
-            queries = _pad_time(q, padded_span)
+        # Token j of sequence b sits in slot j up to its boundary, then in slot head + (j - first_b).
+        streams = (q, k, v, lr, log_retention, log_momentum)
+        token_slot = None
+        if counts is None and bool((phase == phase[0]).all()):  # all sequences in step: the layout is the identity
+            aligned = [None if t is None else _pad_time(t, slots) for t in streams]
         else:
-            shift = pending - buffered  # where each sequence's stream starts in cat([buffer, new])
-            slots = torch.arange(padded_span, device=device)
-            index = (slots.unsqueeze(0) + shift.unsqueeze(1)).clamp(max=pending + length - 1)
-            in_stream = slots.unsqueeze(0) < total.unsqueeze(1)
+            steps = torch.arange(slots, device=device).unsqueeze(0)
+            in_head = steps < first.unsqueeze(1)
+            token = torch.where(in_head, steps, steps - head + first.unsqueeze(1))
+            real = (in_head | (steps >= head)) & (token < new.unsqueeze(1))
+            index = token.clamp(0, length - 1)
             aligned = []
-            for old, fresh in zip(streams, news):
-                cat = torch.cat([old, fresh], dim=2)
-                x = _gather_time(cat.transpose(1, 2), index, dim=1).transpose(1, 2)
-                mask = in_stream.view(batch, 1, padded_span, *([1] * (x.dim() - 3)))
-                aligned.append(torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=device)))
-            query_index = (slots.unsqueeze(0) - buffered.unsqueeze(1)).clamp(min=0, max=length - 1)
-            queries = _gather_time(q.transpose(1, 2), query_index, dim=1).transpose(1, 2)
-        keys, values, lrs, log_ret = aligned[:4]
-        log_mom = aligned[4] if log_momentum is not None else None
-
-        # Chunk loop: every chunk reads all its tokens; only completed chunks move the state. Tensors are laid out
-        # chunk-major once, so that each chunk is contiguous (no copy in every matmul), the gate coefficients of all
-        # chunks are computed at once, and unbind (not slicing) keeps the backward of the split linear in length.
-        chunks = padded_span // size
-
-        def chunk_major(x: torch.Tensor) -> torch.Tensor:
-            x = x.view(batch, self.num_heads, chunks, size, *x.shape[3:])
-            return x.permute(2, 0, 1, *range(3, x.dim())).contiguous()
-
-        coefficients = ChunkCoefficients.from_gates(
-            *(None if t is None else chunk_major(t) for t in (lrs, log_mom, log_ret))
-        ).unbind(0)
-        if state.momentum is None:
-            states = [w.unsqueeze(2) for w in state.weights]
-        else:
-            states = [torch.stack([w, s], dim=2) for w, s in zip(state.weights, state.momentum)]
-        completed = total // size
-        always, never = int(completed.min()), int(completed.max())
-        reads = []
+            for t in streams:
+                if t is None:
+                    aligned.append(None)
+                    continue
+                gathered = _gather_time(t.transpose(1, 2), index, dim=1).transpose(1, 2)
+                mask = real.view(batch, 1, slots, *([1] * (gathered.dim() - 3)))
+                aligned.append(torch.where(mask, gathered, torch.zeros((), dtype=t.dtype, device=device)))
+            steps = torch.arange(length, device=device).unsqueeze(0)
+            token_slot = torch.where(steps < first.unsqueeze(1), steps, steps + head - first.unsqueeze(1))
+            token_slot = token_slot.clamp(max=slots - 1)  # (pads beyond the real tokens read anything; dropped later)
+        queries, keys, values, lrs, log_ret, log_mom = aligned
         targets = values - keys if self.residual else values  # the residual memory is M(z) = z + MLP(z)
-        chunked = (chunk_major(queries).unbind(0), chunk_major(keys).unbind(0), chunk_major(targets).unbind(0))
-        for n, (q_n, k_n, t_n) in enumerate(zip(*chunked)):
-            y, new_states = chunk_update(states, q_n, k_n, t_n, coefficients[n])
+
+        # The head, then the chunks, each contiguous (chunk-major: no copy in every matmul; unbind, not slicing,
+        # keeps the backward of the split linear in length).
+        def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
+            if t is None:
+                return [None] * (1 + chunks)
+            rest = t[:, :, head:].reshape(batch, self.num_heads, chunks, size, *t.shape[3:])
+            return [t[:, :, :head], *rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous().unbind(0)]
+
+        # Real tokens of each sequence in each piece; the state is carried from the last of them.
+        counts_in = [first] + [(new - first - n * size).clamp(0, size) for n in range(chunks)]
+        gates = [split(t) for t in (lrs, log_mom, log_ret)]
+        coefficients = []
+        for n, (lr_n, log_mom_n, log_ret_n) in enumerate(zip(*gates)):
+            last = (counts_in[n] - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
+            coefficients.append(ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, last))
+        # A chunk completes on reaching a boundary: the head when phase + first = C, the others when full.
+        completed = [phase + first == size] + [n_in == size for n_in in counts_in[1:]]
+
+        if state.momentum is None:
+            running = [w.unsqueeze(2) for w in state.weights]
+        else:
+            running = [torch.stack([w, s], dim=2) for w, s in zip(state.weights, state.momentum)]
+        boundary = list(state.chunk_weights)
+        reads = []
+        pieces = zip(split(queries), split(keys), split(targets), coefficients, completed, counts_in)
+        for q_n, k_n, t_n, c_n, done, n_in in pieces:
+            if q_n.shape[2] == 0:
+                continue
+            y, carried = chunk_update(running, boundary, q_n, k_n, t_n, c_n)
             reads.append(y)
-            if n < always:
-                states = self.bound(new_states)
-            elif n < never:
-                done = completed > n
-                states = [_where_batch(done, a, b) for a, b in zip(self.bound(new_states), states)]
-        reads = torch.stack(reads).permute(1, 2, 0, 3, 4).flatten(2, 3)  # chunk-major: contiguous gradients per chunk
+            running = _select_rows(n_in > 0, carried, running)
+            # On a boundary the safeguard bounds the state, and the next chunk takes its gradients there.
+            if bool(done.any()):
+                running = _select_rows(done, self.bound(running), running)
+                boundary = _select_rows(done, [r[:, :, 0] for r in running], boundary)
+        head_reads, chunk_reads = (reads[0], reads[1:]) if head else (None, reads)
+        parts = [] if head_reads is None else [head_reads]
+        if chunk_reads:
+            parts.append(torch.stack(chunk_reads).permute(1, 2, 0, 3, 4).flatten(2, 3))
+        reads = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         if self.residual:
             reads = reads + queries
-
-        # Outputs of the new tokens: slot buffered + j holds new token j.
-        if contiguous:
+        if token_slot is None:
             reads = reads[:, :, :length]
         else:
-            out_index = (torch.arange(length, device=device).unsqueeze(0) + buffered.unsqueeze(1)).clamp(
-                max=padded_span - 1
-            )
-            reads = _gather_time(reads.transpose(1, 2), out_index, dim=1).transpose(1, 2)
-
-        # New buffer: the tokens after each sequence's last chunk boundary.
-        # It is kept right-aligned, so that the next call finds the whole stream contiguous in cat([buffer, new]).
-        left = total % size
-        buffer_index = total.unsqueeze(1) - pending + torch.arange(pending, device=device)
-        in_buffer = buffer_index >= (total - left).unsqueeze(1)
-        buffer_index = buffer_index.clamp(min=0, max=padded_span - 1)
-
-        def take(x: torch.Tensor) -> torch.Tensor:
-            out = _gather_time(x.transpose(1, 2), buffer_index, dim=1).transpose(1, 2)
-            mask = in_buffer.view(batch, 1, pending, *([1] * (out.dim() - 3)))
-            return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=device))
+            reads = _gather_time(reads.transpose(1, 2), token_slot, dim=1).transpose(1, 2)
 
         new_state = NeuralMemoryState(
-            weights=[x[:, :, 0] for x in states],
-            momentum=None if state.momentum is None else [x[:, :, 1] for x in states],
+            weights=[x[:, :, 0] for x in running],
+            momentum=None if state.momentum is None else [x[:, :, 1] for x in running],
+            chunk_weights=boundary,
             conv=state.conv,
-            keys=take(keys),
-            values=take(values),
-            lr=take(lrs),
-            log_momentum=None if log_mom is None else take(log_mom),
-            log_retention=take(log_ret),
             seen=state.seen + new,
+            chunk_size=size,
         )
         return reads, new_state
 
@@ -1016,11 +1044,12 @@ class NeuralMemory(nn.Module):
             raise ValueError(
                 f"state {'lacks' if state.momentum is None else 'has'} momentum but momentum={self.use_momentum}."
             )
-        if state.keys.shape != (batch_size, self.num_heads, self.chunk_size - 1, self.head_dim):
+        if state.chunk_size != self.chunk_size:
             raise ValueError(
-                f"state buffers have shape {tuple(state.keys.shape)}, expected "
-                f"{(batch_size, self.num_heads, self.chunk_size - 1, self.head_dim)}: another chunk_size or batch?"
+                f"state was made with chunk_size={state.chunk_size}, but this memory has chunk_size={self.chunk_size}."
             )
+        if [tuple(w.shape) for w in state.chunk_weights] != expected:
+            raise ValueError(f"state chunk_weights do not match this memory: expected {expected}.")
         expected_conv = (
             None
             if self.conv_weight is None
