@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-
-import dataclasses
 
 import pytest
 import torch
