@@ -18,6 +18,7 @@ saved checkpoints for ``trust_remote_code`` loading.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -50,10 +51,16 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     keep full precision; the upper triangle is ``-inf`` *before* any ``exp`` (``0 * inf`` would be ``nan`` in backward).
     """
     size = x.shape[-1]
-    strictly_lower = torch.ones(size, size, dtype=torch.bool, device=x.device).tril(-1)
-    lower = torch.ones(size, size, dtype=torch.bool, device=x.device).tril()
-    terms = x.unsqueeze(-1).expand(*x.shape, size).masked_fill(~strictly_lower, 0.0)  # [..., t, j] = x_t if t > j
-    return terms.cumsum(dim=-2).masked_fill(~lower, -math.inf)
+    above_diagonal, on_or_above_diagonal = _triangles(size, x.device)
+    terms = x.unsqueeze(-1).expand(*x.shape, size).masked_fill(on_or_above_diagonal, 0.0)  # [.., t, j] = x_t if t > j
+    return terms.cumsum(dim=-2).masked_fill(above_diagonal, -math.inf)
+
+
+@functools.lru_cache(maxsize=32)
+def _triangles(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks of the strict upper triangle and of the upper triangle with the diagonal (built once)."""
+    upper = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+    return upper, upper | torch.eye(size, dtype=torch.bool, device=device)
 
 
 def compaction_order(valid: torch.Tensor) -> torch.Tensor:
@@ -210,6 +217,8 @@ class ChunkCoefficients:
         slot). Slots after it must not move the state: with momentum, ``W_t = r W_{t-1} + S_t`` moves ``W`` even
         where the gradient is zero, so a run shorter than its slots is carried from its own last token.
         """
+        if lr.shape[-1] == 1:  # one token (decoding): every product is the gate itself
+            return cls._single_token(lr, log_momentum, log_retention)
         retention_decay = torch.exp(segsum(log_retention))  # beta_i / beta_l for l <= i, else 0
         beta = torch.exp(torch.cumsum(log_retention, dim=-1))
         step = (-2.0 * lr).unsqueeze(-2)
@@ -237,6 +246,19 @@ class ChunkCoefficients:
             [torch.stack([beta_last, f_last], -1), torch.stack([torch.zeros_like(m_last), m_last], -1)], dim=-2
         )
         return cls(read, gain, write, transition)
+
+    @classmethod
+    def _single_token(
+        cls, lr: torch.Tensor, log_momentum: torch.Tensor | None, log_retention: torch.Tensor
+    ) -> ChunkCoefficients:
+        """:meth:`from_gates` for runs of one token: ``beta = r``, ``m = f = eta``, ``G = theta``."""
+        retention = torch.exp(log_retention).unsqueeze(-1)  # (..., 1, 1)
+        step = -2.0 * lr.unsqueeze(-1)
+        if log_momentum is None:
+            return cls(retention, step, step, retention)
+        momentum = torch.exp(log_momentum).unsqueeze(-1)
+        transition = torch.cat([torch.cat([retention, momentum], -1), torch.cat([torch.zeros_like(momentum), momentum], -1)], -2)
+        return cls(torch.cat([retention, momentum], -1), step, torch.cat([step, step], -1), transition)
 
     def unbind(self, dim: int) -> list[ChunkCoefficients]:
         """Splits chunk-stacked coefficients into one per chunk."""
