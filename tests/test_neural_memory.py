@@ -420,3 +420,15 @@ def test_weight_safeguard_does_not_change_the_normal_range():
         free, _ = memory(x)
     assert weight_rms(state) < 1.0
     assert torch.equal(guarded, free)
+
+
+def test_weight_safeguard_has_finite_gradients_at_a_zero_state():
+    """A zero momentum (the start of every stream) must not give 0 * inf in the backward of the bound."""
+    memory = NeuralMemory(hidden_size=8, num_heads=2, head_dim=4, chunk_size=2)
+    states = [torch.zeros(1, 2, 2, 4, 16), 10 * torch.randn(1, 2, 2, 16, 4)]  # under and over the bound
+    states = [s.requires_grad_(True) for s in states]
+    sum(s.sum() for s in memory.bound(states)).backward()
+    assert all(torch.isfinite(s.grad).all() for s in states)
+    x = torch.randn(1, 9, 8, requires_grad=True)
+    memory(x)[0].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in memory.parameters())

@@ -997,10 +997,14 @@ class NeuralMemory(nn.Module):
         """The ``max_weight_rms`` safeguard, applied to each layer's ``[W; S]`` (batch, heads, s, d_in, d_out)."""
         if self.max_weight_rms is None:
             return states
+        cap = self.max_weight_rms
         bounded = []
         for state in states:
-            rms = state.pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
-            bounded.append(state * (self.max_weight_rms / rms.clamp_min(1e-30)).clamp(max=1.0))
+            mean_square = state.pow(2).mean(dim=(-2, -1), keepdim=True)
+            over = mean_square > cap * cap
+            # Both branches finite (no 0 * inf in backward at a zero state), exactly 1 under the bound.
+            safe = torch.where(over, mean_square, torch.full_like(mean_square, cap * cap))
+            bounded.append(state * torch.where(over, cap * safe.rsqrt(), torch.ones_like(safe)))
         return bounded
 
     def retrieve(
