@@ -609,8 +609,9 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         if aligned:
             out = out[:, :length]
         else:
-            index = (torch.arange(length, device=device).unsqueeze(0) + phase.unsqueeze(1)).view(batch, length, 1)
-            out = out.gather(1, index.expand(-1, -1, hidden))
+            # Pads (packed after the real tokens) may point past the last segment: any slot does (restored later).
+            index = (torch.arange(length, device=device).unsqueeze(0) + phase.unsqueeze(1)).clamp(max=out.shape[1] - 1)
+            out = out.gather(1, index.view(batch, length, 1).expand(-1, -1, hidden))
         if use_cache:
             attention_cache = dict(buffers)
             if snapshot is not None:
