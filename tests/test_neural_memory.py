@@ -107,16 +107,50 @@ def test_any_split_gives_the_same_outputs_and_state(chunk_size, momentum):
         assert_state_equal(state, whole_state)
 
 
-def test_single_token_steps_equal_one_call():
-    memory = make_memory(chunk_size=5)
-    x = inputs(batch=2, length=13)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"momentum": False},
+        {"depth": 1},
+        {"forget": False, "conv_kernel": 0},
+        {"max_lr": 1.0, "max_weight_rms": 0.4},
+    ],
+    ids=["default", "no-momentum", "linear", "no-forget-no-conv", "safeguard-acts"],
+)
+def test_single_token_steps_equal_one_call(kwargs):
+    """Decoding's one-token recurrence (``NeuralMemory._step``) against the chunked closed form, across chunk
+    boundaries (chunk 5) and, in the last case, with the weight safeguard acting at boundaries."""
+    memory = make_memory(chunk_size=5, **kwargs)
+    x = inputs(batch=2, length=13) if "max_weight_rms" not in kwargs else correlated_inputs(13, 12).repeat(2, 1, 1)
     whole, whole_state = memory(x)
+    if "max_weight_rms" in kwargs:
+        rms = max(w.pow(2).mean(dim=(-2, -1)).sqrt().max().item() for w in whole_state.chunk_weights)
+        assert abs(rms - kwargs["max_weight_rms"]) < 1e-12  # the bound acted
     state, pieces = None, []
     for t in range(13):
         out, state = memory(x[:, t : t + 1], state)
         pieces.append(out)
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-12, rtol=0)
     assert_state_equal(state, whole_state)
+
+
+def test_single_token_steps_from_different_chunk_phases():
+    """Sequences of a batch that stopped at different points of their chunks step on together exactly."""
+    memory = make_memory(chunk_size=4)
+    x = inputs(batch=2, length=12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # sequence 0 has 3 fewer tokens in the prefix
+    out, state = memory(x[:, :6], mask=mask[:, :6])
+    steps = [out]
+    for t in range(6, 12):
+        out, state = memory(x[:, t : t + 1], state)
+        steps.append(out)
+    batched = torch.cat(steps, dim=1)
+    for b, start in ((0, 3), (1, 0)):
+        alone, alone_state = memory(x[b : b + 1, start:])
+        torch.testing.assert_close(batched[b : b + 1, start:], alone, atol=1e-12, rtol=0)
+        assert_state_equal(state[b : b + 1], alone_state)
 
 
 def test_state_size_does_not_grow():

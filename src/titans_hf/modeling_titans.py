@@ -254,6 +254,16 @@ def segment_mask_function(num_persistent: int, segment: int, valid: torch.Tensor
     return mask
 
 
+def segment_step_mask_function(num_persistent: int, segment: int, slot: torch.Tensor) -> Callable:
+    """:func:`segment_mask_function` for one query per row, in segment slot ``slot`` (batch,): the persistent keys
+    and the slots ``<= slot`` of both halves (the earlier ones filled by previous calls) are visible."""
+
+    def mask(batch_idx, head_idx, q_idx, kv_idx):
+        return (kv_idx < num_persistent) | ((kv_idx - num_persistent).clamp(min=0) % segment <= slot[batch_idx])
+
+    return mask
+
+
 class TitansAttention(nn.Module):
     """Multi-head (grouped-query) attention with RoPE and persistent memory tokens, through Transformers'
     attention interface (eager / sdpa / flex) and mask helpers.
@@ -306,22 +316,27 @@ class TitansAttention(nn.Module):
         return torch.cat([pk, keys], dim=2), torch.cat([pv, values], dim=2)
 
     def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_function: Callable
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_function: Callable | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Runs the configured attention implementation; returns (batch, q_len, heads * head_dim) and the weights."""
+        """Runs the configured attention implementation; returns (batch, q_len, heads * head_dim) and the weights.
+
+        ``mask_function`` ``None``: every query sees every key (no mask is built)."""
         implementation = self.config._attn_implementation or "eager"
-        mask = ALL_MASK_ATTENTION_FUNCTIONS[
-            implementation if implementation in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
-        ](
-            batch_size=query.shape[0],
-            q_length=query.shape[2],
-            kv_length=key.shape[2],
-            mask_function=mask_function,
-            attention_mask=None,
-            allow_is_causal_skip=False,
-            dtype=query.dtype,
-            device=query.device,
-        )
+        mask = None
+        if mask_function is not None:
+            make_mask = ALL_MASK_ATTENTION_FUNCTIONS[
+                implementation if implementation in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+            ]
+            mask = make_mask(
+                batch_size=query.shape[0],
+                q_length=query.shape[2],
+                kv_length=key.shape[2],
+                mask_function=mask_function,
+                attention_mask=None,
+                allow_is_causal_skip=False,
+                dtype=query.dtype,
+                device=query.device,
+            )
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         out, weights = interface(
             self,
@@ -370,7 +385,9 @@ class TitansAttention(nn.Module):
         block = length if output_attentions else max(window, 64)
         if length <= block:
             key, value = self.with_persistent(all_keys, all_values)
-            mask = window_mask_function(self.num_persistent, window, past, all_valid)
+            # A decoding step whose window is full sees every key: no mask to build.
+            everything_visible = length == 1 and layout.all_valid and bool((layout.seen >= past).all())
+            mask = None if everything_visible else window_mask_function(self.num_persistent, window, past, all_valid)
             out, weights = self.attend(queries, key, value, mask)
         else:
             # Query block b (positions [b B, (b+1) B)) sees block-local keys [b B, b B + past + B) of the extended
@@ -441,6 +458,34 @@ class TitansAttention(nn.Module):
         mask = segment_mask_function(self.num_persistent, x.shape[1], valid.repeat(1, len(keys)))
         out, weights = self.attend(queries, key, value, mask)
         return self.o_proj(out), weights, fresh
+
+    def forward_segment_step(
+        self,
+        x: torch.Tensor,
+        reads: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        slot: torch.Tensor,
+        buffers: dict[str, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward_segment` for one token per row (decoding), in segment slot ``slot`` (batch,): its keys and
+        values go into that slot of the segment's ``buffers`` (``None``: a segment with no earlier token) and its
+        query attends to the slots up to it. Returns the output (batch, 1, hidden) and the updated buffers."""
+        cos, sin = position_embeddings
+        segment = self.config.segment_size
+        queries = self.queries(x, cos, sin)
+        fresh = dict(zip(("x_keys", "x_values"), self.keys_values(x, cos, sin)))
+        if reads is not None:
+            fresh.update(zip(("h_keys", "h_values"), self.keys_values(reads, cos, sin)))
+        here = (torch.arange(segment, device=x.device) == slot.unsqueeze(1)).view(x.shape[0], 1, segment, 1)
+        updated = {}
+        for name, t in fresh.items():
+            old = buffers[name] if buffers is not None else t.new_zeros(*t.shape[:2], segment, t.shape[-1])
+            updated[name] = torch.where(here, t, old)
+        keys = [updated[name] for name in ("h_keys", "x_keys") if name in updated]
+        values = [updated[name] for name in ("h_values", "x_values") if name in updated]
+        key, value = self.with_persistent(torch.cat(keys, dim=2), torch.cat(values, dim=2))
+        out, _ = self.attend(queries, key, value, segment_step_mask_function(self.num_persistent, segment, slot))
+        return self.o_proj(out), updated
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -549,6 +594,11 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         batch, length, hidden = x.shape
         device = x.device
         use_cache = attention_cache is not None
+        if use_cache and length == 1 and layout.all_valid and not output_attentions:
+            h, memory_state, attention_cache = self._memory_as_context_step(
+                x, position_embeddings, layout, memory_state, attention_cache
+            )
+            return h, None, memory_state, attention_cache
         phase = layout.seen % segment  # slots of the current segment filled by earlier calls
         span = int((phase + layout.counts).max())
         rounds = max(1, -(-span // segment))
@@ -620,6 +670,38 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 attention_cache["read_conv"] = read_conv
         weights = torch.cat(all_weights, dim=2) if output_attentions else None
         return x + out, weights, memory_state, attention_cache
+
+    def _memory_as_context_step(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        layout: TokenLayout,
+        memory_state: NeuralMemoryState | None,
+        cache: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, NeuralMemoryState | None, dict[str, torch.Tensor]]:
+        """:meth:`_memory_as_context` for one real token per row with a cache (decoding), without the segment-wide
+        slot frame: the token is slot ``seen % segment`` of its row's segment, whose earlier slots are cached."""
+        slot = layout.seen % self.config.segment_size
+        normed = self.input_layernorm(x)
+        new_cache = {}
+        reads = None
+        if self.memory is not None:
+            if memory_state is None:
+                memory_state = self.memory.initial_state(x.shape[0], x.device, self.memory.compute_dtype(x))
+            start_weights = memory_state.weights  # a row that starts a segment reads with the current weights
+            snapshot = [cache.get(f"snapshot.{i}") for i in range(self.config.memory_depth)]
+            if all(s is not None for s in snapshot):
+                start_weights = [_where_rows(slot > 0, s, w) for s, w in zip(snapshot, start_weights)]
+            reads, read_conv = self.memory.retrieve(normed, start_weights, cache.get("read_conv"))
+            new_cache.update({f"snapshot.{i}": w for i, w in enumerate(start_weights)})
+            if read_conv is not None:
+                new_cache["read_conv"] = read_conv
+        buffers = {name: cache[name] for name in ("x_keys", "x_values", "h_keys", "h_values") if name in cache}
+        y, buffers = self.attention.forward_segment_step(normed, reads, position_embeddings, slot, buffers or None)
+        if self.memory is not None:
+            memory_out, memory_state = self.memory(y, memory_state)
+            y = self.gate(y, memory_out)
+        return x + y, memory_state, {**buffers, **new_cache}
 
 
 def _where_rows(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -257,7 +257,9 @@ class ChunkCoefficients:
         if log_momentum is None:
             return cls(retention, step, step, retention)
         momentum = torch.exp(log_momentum).unsqueeze(-1)
-        transition = torch.cat([torch.cat([retention, momentum], -1), torch.cat([torch.zeros_like(momentum), momentum], -1)], -2)
+        transition = torch.cat(
+            [torch.cat([retention, momentum], -1), torch.cat([torch.zeros_like(momentum), momentum], -1)], -2
+        )
         return cls(torch.cat([retention, momentum], -1), step, torch.cat([step, step], -1), transition)
 
     def unbind(self, dim: int) -> list[ChunkCoefficients]:
@@ -899,6 +901,8 @@ class NeuralMemory(nn.Module):
         (``head`` = the longest such run; shorter runs end in identity slots), then chunks of ``C`` slots.
         Identity slots (padding of the layout) have ``theta = 0`` and gates of 1: they change nothing.
         """
+        if length == 1 and counts is None:  # decoding: one token per sequence, all real
+            return self._step(state, q, k, v, lr, log_momentum, log_retention)
         size = self.chunk_size
         batch = q.shape[0]
         device = q.device
@@ -990,6 +994,59 @@ class NeuralMemory(nn.Module):
             conv=state.conv,
             seen=state.seen + new,
             chunk_size=size,
+        )
+        return reads, new_state
+
+    def _step(
+        self,
+        state: NeuralMemoryState,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lr: torch.Tensor,
+        log_momentum: torch.Tensor | None,
+        log_retention: torch.Tensor,
+    ) -> tuple[torch.Tensor, NeuralMemoryState]:
+        """One real token per sequence (decoding) as the plain recurrence the closed form sums (eq. 13-14 with the
+        gradient at the chunk's start weights): ``S = eta S - theta grad``, ``W = (1 - alpha) W + S``, then the read
+        ``M_W(q)``; on a chunk boundary the safeguard bounds ``[W; S]`` and the next chunk takes its gradients there.
+
+        The same arithmetic as :func:`chunk_forward` on a run of one token, in a quarter of the operations; cached
+        decoding is tested against the full (chunked) pass for every variant.
+        """
+        targets = v - k if self.residual else v  # the residual memory is M(z) = z + MLP(z)
+        inputs, _, _, deltas = memory_errors(state.chunk_weights, k, targets)
+        step = (-2.0 * lr).unsqueeze(-1)  # -theta times the 2 of the squared loss, (batch, heads, 1, 1)
+        retention = torch.exp(log_retention).unsqueeze(-1)
+        momentum = None if log_momentum is None else torch.exp(log_momentum).unsqueeze(-1)
+        weights, momenta = [], None if momentum is None else []
+        for layer, (w, abar, delta) in enumerate(zip(state.weights, inputs, deltas)):
+            update = abar.transpose(-1, -2) @ (delta * step)  # -theta * (the rank-one gradient at the chunk start)
+            if momenta is not None:
+                update = torch.addcmul(update, state.momentum[layer], momentum)
+                momenta.append(update)
+            weights.append(torch.addcmul(update, w, retention))
+        reads = memory_mlp(weights, q, self.residual)
+
+        seen = state.seen + 1
+        boundary = seen % self.chunk_size == 0
+        chunk_weights = list(state.chunk_weights)
+        if bool(boundary.any()):
+            if momenta is None:
+                stacked = [w.unsqueeze(2) for w in weights]
+            else:
+                stacked = [torch.stack([w, s], dim=2) for w, s in zip(weights, momenta)]
+            stacked = _select_rows(boundary, self.bound(stacked), stacked)
+            weights = [x[:, :, 0] for x in stacked]
+            momenta = None if momenta is None else [x[:, :, 1] for x in stacked]
+            chunk_weights = _select_rows(boundary, weights, chunk_weights)
+        new_state = NeuralMemoryState(
+            weights=weights,
+            momentum=momenta,
+            chunk_weights=chunk_weights,
+            conv=state.conv,
+            seen=seen,
+            chunk_size=self.chunk_size,
         )
         return reads, new_state
 
