@@ -151,8 +151,9 @@ class TitansCache(Cache):
         """Bytes held in tensors (constant once the first block has been read)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
-    def check(self, config, batch_size: int) -> None:
-        """Raises ``ValueError`` if this cache belongs to another configuration or batch size."""
+    def check(self, config, batch_size: int, dtype: torch.dtype | None = None) -> None:
+        """Raises ``ValueError`` if this cache belongs to another configuration, batch size or (if given) activation
+        dtype (that of its attention tensors; the memory state is float32 for half-precision models)."""
         signature = config_signature(config)
         if signature != self.signature:
             different = {k: (self.signature.get(k), v) for k, v in signature.items() if self.signature.get(k) != v}
@@ -165,6 +166,22 @@ class TitansCache(Cache):
                 f"The cache holds {self.seen.shape[0]} sequences but the inputs have batch size {batch_size}. Pass the "
                 "same batch, or select/repeat the cache rows (batch_select_indices, batch_repeat_interleave)."
             )
+        if dtype is not None:
+            memory_dtype = _memory_dtype(dtype)
+            activations, memory = set(), set()
+            for layer in self.layers:
+                for name, t in layer.tensors.items():
+                    (memory if _is_memory(name) else activations).add(t.dtype)
+                if layer.memory is not None:
+                    memory.update(t.dtype for t in layer.memory.weights)
+                    if layer.memory.conv is not None:
+                        activations.add(layer.memory.conv.dtype)
+            if activations - {dtype} or memory - {memory_dtype}:
+                raise ValueError(
+                    f"This TitansCache holds {_names(activations)} activations and a {_names(memory)} memory state, "
+                    f"but the model now runs in {dtype} (memory state {memory_dtype}). Convert it with "
+                    f"cache.to(dtype={dtype}) or start a new TitansCache."
+                )
 
     # ------------------------------------------------------------------------------------------------ batch ops
 
@@ -193,8 +210,25 @@ class TitansCache(Cache):
         self.layers[0].crop(max_length)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> TitansCache:
-        """Moves every tensor to ``device`` (``dtype``, if given, applies to floating-point tensors), in place."""
-        self._apply(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        """Moves every tensor to ``device``, in place. ``dtype``, if given, is the model's new activation dtype: the
+        attention tensors take it, the memory state takes float32 if it is a half-precision type (as the model keeps
+        it), else ``dtype``."""
+        memory_dtype = None if dtype is None else _memory_dtype(dtype)
+        for layer in self.layers:
+            if layer.memory is not None:
+                conv = layer.memory.conv
+                layer.memory = layer.memory.to(device=device, dtype=memory_dtype)
+                if conv is not None:  # the conv tail holds activations
+                    layer.memory.conv = conv.to(device=device, dtype=dtype)
+            layer.tensors = {
+                name: t.to(
+                    device=device,
+                    dtype=None if not t.is_floating_point() else memory_dtype if _is_memory(name) else dtype,
+                )
+                for name, t in layer.tensors.items()
+            }
+        if self.seen is not None:
+            self.seen = self.seen.to(device=device)
         return self
 
     def detach(self) -> TitansCache:
@@ -262,3 +296,17 @@ class TitansCache(Cache):
 
 
 __all__ = ["TitansCache", "TitansCacheLayer"]
+
+
+def _is_memory(name: str) -> bool:
+    """Entries of a layer's ``tensors`` that are memory weights (MAC's segment-start snapshot), kept like the state."""
+    return name.startswith("snapshot.")
+
+
+def _memory_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The memory state's dtype for a model running in ``dtype``: float32 for half-precision types."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _names(dtypes: set[torch.dtype]) -> str:
+    return "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes)) or "no"

@@ -868,7 +868,7 @@ class TitansModel(TitansPreTrainedModel):
             raise ValueError("output_attentions=True needs attn_implementation='eager'.")
 
         if use_cache or cache is not None:
-            cache = self._titans_cache(cache, batch)
+            cache = self._titans_cache(cache, batch, self._activation_dtype(inputs_embeds))
         seen = (
             cache.seen
             if cache is not None and cache.seen is not None
@@ -931,7 +931,15 @@ class TitansModel(TitansPreTrainedModel):
             )
         return self.embed_tokens(input_ids)
 
-    def _titans_cache(self, cache: Cache | None, batch: int) -> TitansCache:
+    @staticmethod
+    def _activation_dtype(inputs_embeds: torch.Tensor) -> torch.dtype:
+        """The dtype of the layers' attention tensors: the autocast dtype where autocast is on."""
+        device_type = inputs_embeds.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return inputs_embeds.dtype
+
+    def _titans_cache(self, cache: Cache | None, batch: int, dtype: torch.dtype) -> TitansCache:
         if cache is None:
             return TitansCache(self.config)
         if not isinstance(cache, TitansCache):
@@ -940,7 +948,7 @@ class TitansModel(TitansPreTrainedModel):
             raise ValueError(
                 f"Titans needs a TitansCache (or an empty cache to replace), got a non-empty {type(cache).__name__}."
             )
-        cache.check(self.config, batch)
+        cache.check(self.config, batch, dtype)
         return cache
 
     @staticmethod
