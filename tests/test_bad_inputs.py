@@ -5,32 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import VARIANTS, tiny_config
 from transformers import DynamicCache
 
 from titans_hf import TitansCache, TitansConfig, TitansForCausalLM
 
-VARIANTS = ("mac", "mag", "mal", "lmm")
-
 
 def config(variant: str = "mag", **overrides) -> TitansConfig:
-    values = dict(
-        variant=variant,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=6,
-        segment_size=8,
-        memory_chunk_size=4,
-        memory_num_heads=2,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    values.update(overrides)
-    return TitansConfig(**values)
+    return tiny_config(variant, **overrides)
 
 
 def model(variant: str = "mag", **overrides) -> TitansForCausalLM:

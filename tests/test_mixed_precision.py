@@ -9,30 +9,14 @@ import math
 
 import pytest
 import torch
+from tiny import VARIANTS, tiny_config
 
 import titans_hf.neural_memory as neural_memory
-from titans_hf import TitansCache, TitansConfig, TitansForCausalLM
+from titans_hf import TitansCache, TitansForCausalLM
 
-VARIANTS = ("mac", "mag", "mal", "lmm")
 # |loss(bf16 autocast) - loss(float32)| over 6 AdamW steps from the same initialisation, at a loss of about 4.17.
 # Measured: at most 1e-3 (CPU, torch 2.13); the bound leaves a factor 10 (documented in docs/reliability.md).
 LOSS_TOLERANCE = 1e-2
-
-
-def tiny_config(variant: str) -> TitansConfig:
-    return TitansConfig(
-        variant=variant,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=6,
-        segment_size=8,
-        memory_chunk_size=4,
-        memory_num_heads=2,
-    )
 
 
 def batches(steps: int, seed: int = 0):

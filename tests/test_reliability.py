@@ -19,35 +19,18 @@ import time
 
 import pytest
 import torch
+from tiny import VARIANTS, tiny_config
 
 from titans_hf import TitansCache, TitansConfig, TitansForCausalLM
 
-VARIANTS = ("mac", "mag", "mal", "lmm")
 DTYPES = (torch.float32, torch.bfloat16)
 BLOCK = 4093  # a prime: blocks start and end inside chunks (64) and segments (128)
 
 
 def stream_config(variant: str, **overrides) -> TitansConfig:
-    """Small and fast enough for a million tokens on a CPU: 2 layers of width 32, a depth-2 memory of 2 heads x 16
-    in every layer, memory chunks of 64 (the default), MAC segments and MAG/MAL windows of 128."""
-    config = dict(
-        variant=variant,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=128,
-        segment_size=128,
-        memory_chunk_size=64,
-        memory_num_heads=2,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    config.update(overrides)
-    return TitansConfig(**config)
+    """Small and fast enough for a million tokens on a CPU: the tiny model (2 layers of width 32, a depth-2 memory
+    of 2 heads x 16 in every layer) with memory chunks of 64 (the default), MAC segments and MAG/MAL windows of 128."""
+    return tiny_config(variant, **({"sliding_window": 128, "segment_size": 128, "memory_chunk_size": 64} | overrides))
 
 
 def stream_model(variant: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> TitansForCausalLM:
