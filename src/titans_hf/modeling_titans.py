@@ -443,20 +443,14 @@ class TitansAttention(nn.Module):
         weights and the segment's buffers (``x_keys``, ``x_values`` and, with memory reads, ``h_keys``,
         ``h_values``).
         """
-        cos, sin = position_embeddings
-        queries = self.queries(x, cos, sin)
-        fresh = dict(zip(("x_keys", "x_values"), self.keys_values(x, cos, sin)))
-        if reads is not None:
-            fresh.update(zip(("h_keys", "h_values"), self.keys_values(reads, cos, sin)))
+        queries, fresh = self._segment_projections(x, reads, position_embeddings)
         if buffers is not None and cached is not None:
             take_new = new.view(new.shape[0], 1, -1, 1)
             fresh = {name: torch.where(take_new, t, buffers[name]) for name, t in fresh.items()}
         valid = new if cached is None else new | cached
-        keys = [fresh[name] for name in ("h_keys", "x_keys") if name in fresh]
-        values = [fresh[name] for name in ("h_values", "x_values") if name in fresh]
-        key, value = self.with_persistent(torch.cat(keys, dim=2), torch.cat(values, dim=2))
-        mask = segment_mask_function(self.num_persistent, x.shape[1], valid.repeat(1, len(keys)))
-        out, weights = self.attend(queries, key, value, mask)
+        halves = len(fresh) // 2  # memory reads and tokens, or tokens only
+        mask = segment_mask_function(self.num_persistent, x.shape[1], valid.repeat(1, halves))
+        out, weights = self._attend_segment(queries, fresh, mask)
         return self.o_proj(out), weights, fresh
 
     def forward_segment_step(
@@ -470,22 +464,36 @@ class TitansAttention(nn.Module):
         """:meth:`forward_segment` for one token per row (decoding), in segment slot ``slot`` (batch,): its keys and
         values go into that slot of the segment's ``buffers`` (``None``: a segment with no earlier token) and its
         query attends to the slots up to it. Returns the output (batch, 1, hidden) and the updated buffers."""
-        cos, sin = position_embeddings
         segment = self.config.segment_size
-        queries = self.queries(x, cos, sin)
-        fresh = dict(zip(("x_keys", "x_values"), self.keys_values(x, cos, sin)))
-        if reads is not None:
-            fresh.update(zip(("h_keys", "h_values"), self.keys_values(reads, cos, sin)))
+        queries, fresh = self._segment_projections(x, reads, position_embeddings)
         here = (torch.arange(segment, device=x.device) == slot.unsqueeze(1)).view(x.shape[0], 1, segment, 1)
         updated = {}
         for name, t in fresh.items():
             old = buffers[name] if buffers is not None else t.new_zeros(*t.shape[:2], segment, t.shape[-1])
             updated[name] = torch.where(here, t, old)
-        keys = [updated[name] for name in ("h_keys", "x_keys") if name in updated]
-        values = [updated[name] for name in ("h_values", "x_values") if name in updated]
-        key, value = self.with_persistent(torch.cat(keys, dim=2), torch.cat(values, dim=2))
-        out, _ = self.attend(queries, key, value, segment_step_mask_function(self.num_persistent, segment, slot))
+        mask = segment_step_mask_function(self.num_persistent, segment, slot)
+        out, _ = self._attend_segment(queries, updated, mask)
         return self.o_proj(out), updated
+
+    def _segment_projections(
+        self, x: torch.Tensor, reads: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The queries of the segment's tokens, and the keys and values of the tokens (``x_*``) and of their memory
+        reads (``h_*``, at the same positions)."""
+        cos, sin = position_embeddings
+        fresh = dict(zip(("x_keys", "x_values"), self.keys_values(x, cos, sin)))
+        if reads is not None:
+            fresh.update(zip(("h_keys", "h_values"), self.keys_values(reads, cos, sin)))
+        return self.queries(x, cos, sin), fresh
+
+    def _attend_segment(
+        self, queries: torch.Tensor, buffers: dict[str, torch.Tensor], mask_function: Callable
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention over ``[persistent || memory reads || segment]`` (paper eq. 21-22)."""
+        keys = [buffers[name] for name in ("h_keys", "x_keys") if name in buffers]
+        values = [buffers[name] for name in ("h_values", "x_values") if name in buffers]
+        key, value = self.with_persistent(torch.cat(keys, dim=2), torch.cat(values, dim=2))
+        return self.attend(queries, key, value, mask_function)
 
 
 # --------------------------------------------------------------------------------------------------------------------
