@@ -1059,6 +1059,9 @@ class NeuralMemory(nn.Module):
         for state in states:
             mean_square = state.pow(2).mean(dim=(-2, -1), keepdim=True)
             over = mean_square > cap * cap
+            if not bool(over.any()):  # the normal range: nothing to scale, nothing to save for backward
+                bounded.append(state)
+                continue
             # Both branches finite (no 0 * inf in backward at a zero state), exactly 1 under the bound.
             safe = torch.where(over, mean_square, torch.full_like(mean_square, cap * cap))
             bounded.append(state * torch.where(over, cap * safe.rsqrt(), torch.ones_like(safe)))
