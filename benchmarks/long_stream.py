@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=BLOCK)
     parser.add_argument("--stress", action="store_true", help="gates at their most aggressive (see the docstring)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "long_stream.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "long_stream.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,6 +94,7 @@ def main() -> None:
                 flush=True,
             )
     record = dict(date=str(datetime.date.today()), torch=torch.__version__, args=vars(args) | {"out": str(args.out)})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record | {"rows": rows}, indent=1))
 
 

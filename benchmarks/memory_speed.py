@@ -7,7 +7,7 @@ Configuration (issue #2): hidden 256, 4 heads x 64, depth 2, expansion 4, chunk 
 Prints forward and forward+backward tokens/s (median of ``--repeats`` runs after a warm-up), peak memory of one
 forward+backward (median of 3 fresh subprocesses: peak RSS minus RSS before the step), the ratio to titans-pytorch
 (``pip install -e .[bench]``) run in the same process, and the speed-up over the per-token slow twin.
-Saves ``memory_speed.json`` and ``memory_speed.png`` next to this file (or in ``--out``).
+Saves ``results/memory_speed.json`` and ``results/memory_speed.png`` (or in ``--out``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seq 256 only, 3 repeats, no twin")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--lengths", type=int, nargs="*", default=[256, 1024, 4096])
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

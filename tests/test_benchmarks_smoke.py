@@ -1,0 +1,60 @@
+"""Smoke tests of the evidence benchmarks: each ``--quick`` mode runs end to end and prints its tables.
+
+They check that the scripts run (training, evaluation, tables, JSON, plots), not the numbers: the quick modes train
+for a handful of steps. Each takes well under a minute on two cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "python-docs"
+
+pytestmark = pytest.mark.skipif(
+    not (DATA / "train.jsonl").exists() or not (DATA / "validation.jsonl").exists(),
+    reason="the benchmark data (../shared/data/python-docs) is not available",
+)
+
+
+def run_quick(script: str, out: Path) -> str:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_recall_quick(tmp_path):
+    stdout = run_quick("recall.py", tmp_path)
+    for name in ("Titans MAC", "Titans MAG", "Titans MAL", "Titans LMM", "Mistral (SWA)", "Llama (full)"):
+        assert name in stdout
+    assert "### mqar: accuracy" in stdout and "### passkey: accuracy" in stdout
+    assert "| model" in stdout
+    report = json.loads((tmp_path / "recall.json").read_text())
+    assert {r["task"] for r in report["results"]} == {"mqar", "passkey"}
+    assert (tmp_path / "recall.png").stat().st_size > 0
+
+
+def test_lm_quality_quick(tmp_path):
+    stdout = run_quick("lm_quality.py", tmp_path)
+    for name in ("Titans MAC", "Titans MAG", "Titans MAL", "Titans LMM", "Mistral (SWA)", "Llama (full)"):
+        assert name in stdout
+    assert "### Validation bits per byte" in stdout and "### Length extrapolation" in stdout
+    report = json.loads((tmp_path / "lm_quality.json").read_text())
+    for runs in report["result"]["runs"].values():
+        for run in runs:
+            assert set(run["bpb"]) == {"1x", "4x", "16x"}
+            assert all(0 < v < 9 for v in run["bpb"].values())
+    assert (tmp_path / "lm_quality_curves.png").stat().st_size > 0
+    assert (tmp_path / "lm_quality_extrapolation.png").stat().st_size > 0
