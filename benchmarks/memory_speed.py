@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,9 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+from speed_common import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 CONFIG = dict(hidden=256, heads=4, head_dim=64, depth=2, expansion=4, chunk=64, batch=2)
 
@@ -81,20 +83,16 @@ def tokens_per_second(modules: dict, length: int, backward: bool, repeats: int) 
     return {impl: CONFIG["batch"] * length / statistics.median(t) for impl, t in times.items()}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_memory_child(impl: str, length: int) -> None:
-    """Runs in a subprocess: prints the peak RSS growth (bytes) of one forward+backward."""
+    """Runs in a subprocess: prints the peak RSS growth (bytes) of one forward+backward (``VmHWM``, reset just
+    before the step: ``ru_maxrss`` would carry the parent's RSS over ``fork``/``exec``)."""
     torch.set_num_threads(2)
     module = build(impl)
     x = torch.randn(CONFIG["batch"], length, CONFIG["hidden"], requires_grad=True)
+    reset_peak_rss()
     before = rss_bytes()
     step(module, x, backward=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(max(0, peak - before))
+    print(max(0, peak_rss_bytes() - before))
 
 
 def peak_memory(impl: str, length: int, runs: int = 3) -> float:
