@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config
 
 from titans_hf import TitansConfig, TitansForCausalLM, TitansModel
 
@@ -17,21 +18,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def config(**overrides) -> TitansConfig:
-    values = dict(
-        variant="mac",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=6,
-        segment_size=8,
-        memory_chunk_size=4,
-        memory_num_heads=2,
-    )
-    values.update(overrides)
-    return TitansConfig(**values)
+    return tiny_config("mac", **overrides)
 
 
 @pytest.fixture(scope="module")
