@@ -102,7 +102,7 @@ def test_eager_equals_sdpa(variant):
     with torch.no_grad():
         a = eager(x, attention_mask=mask, use_cache=False).logits
         b = sdpa(x, attention_mask=mask, use_cache=False).logits
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # float32: two attention kernels, then the inner loop
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -173,7 +173,9 @@ def test_init_weights_sets_every_parameter_and_buffer():
     for (name, b), (_, c) in zip(model.named_buffers(), reference.named_buffers()):
         torch.testing.assert_close(b, c, msg=name)  # inv_freq
     memory = model.model.layers[0].memory
-    torch.testing.assert_close(torch.sigmoid(memory.retention_proj.bias), torch.full((2,), 0.995))
+    half_lives = torch.tensor(memory.retention_half_lives, dtype=torch.float64)  # 2 heads: the two ends
+    retention = torch.sigmoid(memory.retention_proj.bias.double())
+    torch.testing.assert_close(retention**half_lives, torch.full((2,), 0.5, dtype=torch.float64))
     torch.testing.assert_close(torch.sigmoid(memory.momentum_proj.bias), torch.full((2,), 0.9))
 
 

@@ -35,6 +35,7 @@ _SIGNATURE_FIELDS = (
     "head_dim",
     "sliding_window",
     "segment_size",
+    "mac_memory_input",
     "memory_layers",
     "memory_depth",
     "memory_expansion",
@@ -282,7 +283,12 @@ class TitansCache(Cache):
         if saved != cache.signature:
             different = {k: (saved.get(k), v) for k, v in cache.signature.items() if saved.get(k) != v}
             raise ValueError(f"{path} was saved for another configuration: {different} (snapshot value, model value).")
-        tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+        # Fresh (aligned) copies: tensors read from the file may sit at any byte offset of its buffer, where vectorised
+        # kernels round differently, and a reloaded snapshot must continue bit-identically.
+        tensors = {
+            name: t.clone()
+            for name, t in load_file(str(path), device=str(device) if device is not None else "cpu").items()
+        }
         cache.positions_read = int(metadata.get("positions_read", 0))
         cache.seen = tensors.pop("seen", None)
         for i, layer in enumerate(cache.layers):

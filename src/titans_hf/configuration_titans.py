@@ -32,6 +32,10 @@ class TitansConfig(PreTrainedConfig):
         MAC: length of the segments attention runs over. A multiple of `memory_chunk_size`.
     sliding_window (`int`, defaults to 512):
         MAG / MAL: attention window (the token itself and the `sliding_window - 1` before it).
+    mac_memory_input (`str`, defaults to `"input"`):
+        MAC: what writes the memory. `"input"`: the segment's normed input, the stream every other variant writes
+        (default: on our recall benchmark it learns where the paper's choice stays at chance, README "Design
+        choices"); `"attention"`: the attention output `y`, normalised (the paper's eq. 24).
     num_persistent_tokens (`int`, *optional*):
         Learned, input-independent tokens every attention query can see. Defaults to 4 for the attention variants
         and 0 for `"lmm"` (which has no attention for them to enter).
@@ -48,12 +52,14 @@ class TitansConfig(PreTrainedConfig):
     memory_conv_kernel (`int`, defaults to 4): causal depthwise convolution on q, k, v (0 or 1: none).
     memory_momentum (`bool`, defaults to `True`): the momentum ("surprise") term (eq. 14).
     memory_forget (`bool`, defaults to `True`): the data-dependent forgetting gate (eq. 13).
-    memory_max_lr (`float`, defaults to 0.01): upper bound of the inner learning rate (at initialisation it is a
-        tenth of it). Chunked gradient steps add up over a chunk and momentum multiplies them: larger values suit
-        small chunks.
+    memory_max_lr (`float`, defaults to 1.0): the inner learning rate's bound and the chunk's budget. Each token's
+        `theta` lies in (0, `memory_max_lr`) (half of it at initialisation), and within a chunk the learning rates
+        of the tokens so far are scaled down to sum to at most `memory_max_lr` (README, "the write rule"). With unit
+        keys, 1.0 is the largest value for which a chunk of keys that all point the same way cannot overshoot.
     memory_max_weight_rms (`float`, *optional*, defaults to 1.0): safeguard; at every chunk boundary the memory's
-        fast weights and momentum are scaled down to this root-mean-square value if they exceed it (`None`: off).
-        It does nothing in the normal range and keeps a diverging inner optimisation finite.
+        fast weights' deviation from their learned initial value `W_0`, and its momentum, are scaled down to this
+        root-mean-square value if they exceed it (`None`: off). It does nothing in the normal range and keeps a
+        diverging inner optimisation (e.g. a `memory_max_lr` above 1) finite.
 
     ```python
     >>> from titans_hf import TitansConfig, TitansForCausalLM
@@ -87,6 +93,7 @@ class TitansConfig(PreTrainedConfig):
     variant: str = "mac"
     segment_size: int = 512
     sliding_window: int = 512
+    mac_memory_input: str = "input"
     num_persistent_tokens: int | None = None
     memory_layers: list[int] | None = None
     memory_depth: int = 2
@@ -97,7 +104,7 @@ class TitansConfig(PreTrainedConfig):
     memory_conv_kernel: int = 4
     memory_momentum: bool = True
     memory_forget: bool = True
-    memory_max_lr: float | int = 0.01
+    memory_max_lr: float | int = 1.0
     memory_max_weight_rms: float | int | None = 1.0
 
     def __post_init__(self, **kwargs):
@@ -154,6 +161,11 @@ class TitansConfig(PreTrainedConfig):
             raise ValueError(
                 f"segment_size ({self.segment_size}) must be a multiple of memory_chunk_size "
                 f"({self.memory_chunk_size}), so that segments start on chunk boundaries."
+            )
+        if self.mac_memory_input not in ("input", "attention"):
+            raise ValueError(
+                f"mac_memory_input must be 'input' (the segment's normed input) or 'attention' (the attention output, "
+                f"the paper's eq. 24), got {self.mac_memory_input!r}."
             )
         if not isinstance(self.num_persistent_tokens, int) or self.num_persistent_tokens < 0:
             raise ValueError(f"num_persistent_tokens must be an integer >= 0, got {self.num_persistent_tokens!r}.")

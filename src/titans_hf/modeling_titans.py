@@ -535,6 +535,13 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             else None
         )
         self.gate = TitansGate(config) if config.variant in ("mag", "mac") and self.memory is not None else None
+        # MAC writes its memory with the segment's normed input (default) or, as in the paper's eq. 24, with the
+        # attention output y, normalised like every other memory input (README, "Design choices").
+        self.memory_layernorm = (
+            TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            if config.variant == "mac" and self.memory is not None and config.mac_memory_input == "attention"
+            else None
+        )
         self.post_attention_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = TitansMLP(config)
 
@@ -622,6 +629,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             return t.gather(1, index)
 
         normed = to_slots(self.input_layernorm(x))
+
         cos, sin = (to_slots(t) for t in position_embeddings)
 
         cache = attention_cache if use_cache else {}
@@ -657,7 +665,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 fresh if buffers is None else {name: _where_rows(active, fresh[name], buffers[name]) for name in fresh}
             )
             if self.memory is not None:
-                memory_out, memory_state = self.memory(y, memory_state, new_r)
+                written = normed[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)
+                memory_out, memory_state = self.memory(written, memory_state, new_r)
                 y = self.gate(y, memory_out)
             outputs.append(y)
             if output_attentions:
@@ -707,7 +716,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         buffers = {name: cache[name] for name in ("x_keys", "x_values", "h_keys", "h_values") if name in cache}
         y, buffers = self.attention.forward_segment_step(normed, reads, position_embeddings, slot, buffers or None)
         if self.memory is not None:
-            memory_out, memory_state = self.memory(y, memory_state)
+            written = normed if self.memory_layernorm is None else self.memory_layernorm(y)
+            memory_out, memory_state = self.memory(written, memory_state)
             y = self.gate(y, memory_out)
         return x + y, memory_state, {**buffers, **new_cache}
 

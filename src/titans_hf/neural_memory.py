@@ -184,18 +184,23 @@ def memory_errors(
 
 @dataclass
 class ChunkCoefficients:
-    """The scalars of the closed form for one or more chunks (leading dims: batch, heads[, chunks]).
+    """The scalars of the closed form for one run of tokens inside a chunk (leading dims: batch, heads).
 
-    The memory state of a layer is the stack ``[W; S]`` of its fast weights and momentum (``[W]`` without momentum,
-    ``s`` = 2 or 1 slots). With ``r = 1 - alpha`` and ``eta`` local to a chunk of ``C`` tokens,
-    ``beta_i = prod_{l<=i} r_l``, ``m_i = prod_{l<=i} eta_l``, ``f_i = sum_{l<=i} (beta_i/beta_l) m_l`` and
-    ``G_ij = theta_j sum_{l=j..i} (beta_i/beta_l)(m_l/m_j)`` (``j <= i``), token ``i`` reads with
-    ``W_i = beta_i W0 + f_i S0 - 2 sum_j G_ij u_j`` (``u_j = abar_j^T delta_j``, half its loss gradient at ``W0``):
+    Notation (per head, local to the run): ``r = 1 - alpha``, ``beta_i = prod_{l<=i} r_l``, ``m_i = prod_{l<=i} eta_l``,
+    ``f_i = sum_{l<=i} (beta_i/beta_l) m_l``, the write step ``g_j = (1 - eta_j) theta_j`` and the budget scale
+    ``n_i = max(1, (lr_before + sum_{l<=i} theta_l) / max_lr)``. With ``u_j = abar_j^T delta_j`` (half the loss gradient
+    of token ``j`` at the chunk's start weights), the chunk's own update at token ``i`` is
+    ``-(2 / n_i) sum_j G_ij u_j`` with ``G_ij = g_j sum_{l=j..i} (beta_i/beta_l)(m_l/m_j)`` (``j <= i``).
 
-    - ``read`` (..., C, s): ``[beta_i, f_i]``, the weights of ``[W0, S0]`` in ``W_i``;
-    - ``gain`` (..., C, C): ``-2 G_ij``;
-    - ``write`` (..., C, s): ``[-2 G_Cj, -2 theta_j m_C / m_j]``, the weights of ``u_j`` in ``[W_C, S_C]``;
-    - ``transition`` (..., s, s): ``[[beta_C, f_C], [0, m_C]]``, so that ``[W_C; S_C] = transition [W0; S0] + ...``.
+    The state of a memory layer is a stack of slots acting like one matrix each. A run from a chunk boundary acts on
+    ``[D; S]`` (deviation of the fast weights from ``W_0`` and momentum; ``[D]`` without momentum). A run that
+    continues a chunk also carries ``[A; B]``, the part of ``D`` and ``S`` written by the chunk's earlier tokens
+    (kept apart because the budget scale of a later token rescales it: ``A`` is multiplied by ``n_p / n_i``).
+
+    - ``read`` (..., C, s): the weights of the slots in ``D_i`` (token ``i`` reads ``W_0 + D_i``);
+    - ``gain`` (..., C, C): ``-2 G_ij / n_i``;
+    - ``write`` (..., C, s): the weights of ``u_j`` in every slot after the run's last token;
+    - ``transition`` (..., s, s): the slots after the run's last token as a combination of the slots before it.
     """
 
     read: torch.Tensor
@@ -209,19 +214,23 @@ class ChunkCoefficients:
         lr: torch.Tensor,
         log_momentum: torch.Tensor | None,
         log_retention: torch.Tensor,
+        max_lr: float,
         last: torch.Tensor | None = None,
+        lr_before: torch.Tensor | None = None,
     ) -> ChunkCoefficients:
         """From per-token gates ``theta``, ``log eta``, ``log r`` (..., C), as exp of segment sums of logs.
 
         ``last`` (shape ``lr.shape[:-1]``, int64) is the token after which the state is carried (default: the last
-        slot). Slots after it must not move the state: with momentum, ``W_t = r W_{t-1} + S_t`` moves ``W`` even
-        where the gradient is zero, so a run shorter than its slots is carried from its own last token.
+        slot): slots after it must not move the state (with momentum, ``D_t = r D_{t-1} + S_t`` moves ``D`` even
+        where nothing is written), so a run shorter than its slots is carried from its own last token.
+        ``lr_before`` (shape ``lr.shape[:-1]``): the learning rates of the chunk's tokens before this run, summed; given,
+        the coefficients act on ``[D; S; A; B]`` (a run that continues a chunk, or may stop inside one), else on
+        ``[D; S]`` (a whole chunk from its boundary).
         """
-        if lr.shape[-1] == 1:  # one token (decoding): every product is the gate itself
-            return cls._single_token(lr, log_momentum, log_retention)
         retention_decay = torch.exp(segsum(log_retention))  # beta_i / beta_l for l <= i, else 0
         beta = torch.exp(torch.cumsum(log_retention, dim=-1))
-        step = (-2.0 * lr).unsqueeze(-2)
+        before = 0.0 if lr_before is None else lr_before.unsqueeze(-1)
+        scale = 1.0 / torch.clamp((before + torch.cumsum(lr, dim=-1)) / max_lr, min=1.0)  # 1 / n_i
 
         def at_last(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
             if last is None:
@@ -231,41 +240,55 @@ class ChunkCoefficients:
             return x.gather(-1, last.unsqueeze(-1)).squeeze(-1)
 
         if log_momentum is None:
-            gain = retention_decay * step
-            return cls(
-                beta.unsqueeze(-1), gain, at_last(gain, rows=True).unsqueeze(-1), at_last(beta)[..., None, None]
-            )
+            step = -2.0 * lr
+            gain = retention_decay * step.unsqueeze(-2) * scale.unsqueeze(-1)
+            write_d = at_last(gain, rows=True)
+            beta_last = at_last(beta)
+            if lr_before is None:
+                return cls(beta.unsqueeze(-1), gain, write_d.unsqueeze(-1), beta_last[..., None, None])
+            rho = _budget_ratio(lr_before, max_lr, scale)  # n_p / n_i
+            rho_last = at_last(rho)
+            zero = torch.zeros_like(beta_last)
+            transition = _matrix([[beta_last, (rho_last - 1) * beta_last], [zero, rho_last * beta_last]])
+            read = torch.stack([beta, (rho - 1) * beta], dim=-1)
+            return cls(read, gain, torch.stack([write_d, write_d], dim=-1), transition)
+
+        step = 2.0 * lr * torch.expm1(log_momentum)  # -2 g_j = -2 (1 - eta_j) theta_j
         momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
         m = torch.exp(torch.cumsum(log_momentum, dim=-1))
-        gain = (retention_decay @ momentum_decay) * step
+        gain = (retention_decay @ momentum_decay) * step.unsqueeze(-2) * scale.unsqueeze(-1)
         f = (retention_decay @ m.unsqueeze(-1)).squeeze(-1)
-        read = torch.stack([beta, f], dim=-1)
-        write = torch.stack([at_last(gain, rows=True), at_last(momentum_decay, rows=True) * step.squeeze(-2)], dim=-1)
+        write_d = at_last(gain, rows=True)
+        write_s = at_last(momentum_decay, rows=True) * step * at_last(scale).unsqueeze(-1)
         beta_last, f_last, m_last = at_last(beta), at_last(f), at_last(m)
-        transition = torch.stack(
-            [torch.stack([beta_last, f_last], -1), torch.stack([torch.zeros_like(m_last), m_last], -1)], dim=-2
+        zero = torch.zeros_like(m_last)
+        if lr_before is None:
+            transition = _matrix([[beta_last, f_last], [zero, m_last]])
+            return cls(torch.stack([beta, f], dim=-1), gain, torch.stack([write_d, write_s], dim=-1), transition)
+        rho = _budget_ratio(lr_before, max_lr, scale)
+        rho_last = at_last(rho)
+        kept = rho_last - 1
+        transition = _matrix(
+            [
+                [beta_last, f_last, kept * beta_last, kept * f_last],
+                [zero, m_last, zero, kept * m_last],
+                [zero, zero, rho_last * beta_last, rho_last * f_last],
+                [zero, zero, zero, rho_last * m_last],
+            ]
         )
+        read = torch.stack([beta, f, (rho - 1) * beta, (rho - 1) * f], dim=-1)
+        write = torch.stack([write_d, write_s, write_d, write_s], dim=-1)
         return cls(read, gain, write, transition)
 
-    @classmethod
-    def _single_token(
-        cls, lr: torch.Tensor, log_momentum: torch.Tensor | None, log_retention: torch.Tensor
-    ) -> ChunkCoefficients:
-        """:meth:`from_gates` for runs of one token: ``beta = r``, ``m = f = eta``, ``G = theta``."""
-        retention = torch.exp(log_retention).unsqueeze(-1)  # (..., 1, 1)
-        step = -2.0 * lr.unsqueeze(-1)
-        if log_momentum is None:
-            return cls(retention, step, step, retention)
-        momentum = torch.exp(log_momentum).unsqueeze(-1)
-        transition = torch.cat(
-            [torch.cat([retention, momentum], -1), torch.cat([torch.zeros_like(momentum), momentum], -1)], -2
-        )
-        return cls(torch.cat([retention, momentum], -1), step, torch.cat([step, step], -1), transition)
 
-    def unbind(self, dim: int) -> list[ChunkCoefficients]:
-        """Splits chunk-stacked coefficients into one per chunk."""
-        parts = [getattr(self, field.name).unbind(dim) for field in fields(self)]
-        return [ChunkCoefficients(*chunk) for chunk in zip(*parts)]
+def _budget_ratio(lr_before: torch.Tensor, max_lr: float, scale: torch.Tensor) -> torch.Tensor:
+    """``n_p / n_i``: how much the chunk's update before a run shrinks by token ``i`` of the run."""
+    return torch.clamp(lr_before / max_lr, min=1.0).unsqueeze(-1) * scale
+
+
+def _matrix(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """A (..., s, s) matrix from an s x s nested list of (...) tensors."""
+    return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
 
 
 def chunk_forward(
@@ -275,6 +298,7 @@ def chunk_forward(
     keys: torch.Tensor,
     targets: torch.Tensor,
     coefficients: ChunkCoefficients,
+    anchors: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
     """A run of tokens of one chunk in closed form (DESIGN.md §2): read every token, carry the state past the last.
 
@@ -303,6 +327,8 @@ def chunk_forward(
         scores = (a @ abar.transpose(-1, -2)) * c.gain
         scaled = (a.unsqueeze(-2) * c.read.unsqueeze(-1)).flatten(-2)  # [beta a | f a]
         p = _baddbmm(scores @ delta, scaled, state.flatten(-3, -2))
+        if anchors is not None:
+            p = p + a @ anchors[layer]
         if layer < len(states) - 1:
             query_pre.append(p)
             a = F.gelu(p)
@@ -325,6 +351,14 @@ def _gelu_second_derivative(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * x * x) * (2.0 - x * x) * (1.0 / math.sqrt(2.0 * math.pi))
 
 
+def _sum_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sums ``x`` over the leading dimensions that ``shape`` broadcasts (e.g. the batch of a per-head anchor)."""
+    extra = x.dim() - len(shape)
+    x = x.sum(dim=tuple(range(extra))) if extra else x
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(dim=dims, keepdim=True) if dims else x
+
+
 def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return value if total is None else total + value
 
@@ -339,11 +373,12 @@ class ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, targets, read, gain, write, transition, *weights_and_states):
-        depth = len(weights_and_states) // 2
-        gradient_weights, states = weights_and_states[:depth], weights_and_states[depth:]
+        depth = len(weights_and_states) // 3
+        gradient_weights, states = weights_and_states[:depth], weights_and_states[depth : 2 * depth]
+        anchors = weights_and_states[2 * depth :]
         coefficients = ChunkCoefficients(read, gain, write, transition)
         reads, new_states, (_, last_delta, query_pre) = chunk_forward(
-            list(states), list(gradient_weights), queries, keys, targets, coefficients
+            list(states), list(gradient_weights), queries, keys, targets, coefficients, list(anchors)
         )
         ctx.depth = depth
         ctx.set_materialize_grads(False)
@@ -364,7 +399,8 @@ class ChunkFunction(torch.autograd.Function):
     def _backward(ctx, grad_reads, *grad_states):
         depth = ctx.depth
         queries, keys, read, gain, write, transition, last_delta, *rest = ctx.saved_tensors
-        weights, states, query_pre = rest[:depth], rest[depth : 2 * depth], rest[2 * depth :]
+        weights, states = rest[:depth], rest[depth : 2 * depth]
+        anchors, query_pre = rest[2 * depth : 3 * depth], rest[3 * depth :]
         gelu_backward = torch.ops.aten.gelu_backward
 
         # Recompute the cheap intermediates of the forward pass: the keys' side, errors and similarities.
@@ -383,6 +419,7 @@ class ChunkFunction(torch.autograd.Function):
         d_states: list[torch.Tensor | None] = [None] * depth
         d_abars: list[torch.Tensor | None] = [None] * depth
         d_deltas: list[torch.Tensor | None] = [None] * depth
+        d_anchors: list[torch.Tensor | None] = [None] * depth
         d_read = d_gain = d_write = d_transition = d_queries = None
 
         # Reads: p_l = [read * a_l] @ state_l + (similarity_l * gain) @ delta_l, a_{l+1} = GELU(p_l).
@@ -403,6 +440,8 @@ class ChunkFunction(torch.autograd.Function):
             d_deltas[layer] = (similarity * gain).transpose(-1, -2) @ d_p
             d_abars[layer] = d_similarity.transpose(-1, -2) @ a
             d_a = _baddbmm((d_scaled * read.unsqueeze(-1)).sum(-2), d_similarity, abars[layer])
+            d_a = d_a + d_p @ anchors[layer].transpose(-1, -2)
+            d_anchors[layer] = _sum_to(a.transpose(-1, -2) @ d_p, anchors[layer].shape)
             if layer > 0:
                 d_p = gelu_backward(d_a, query_pre[layer - 1])
             else:
@@ -447,7 +486,18 @@ class ChunkFunction(torch.autograd.Function):
                 continue
             d_weights[layer] = _accumulate(d_weights[layer], abars[layer].transpose(-1, -2) @ d_pbar)
             d_abars[layer] = _accumulate(d_abars[layer], d_pbar @ weights[layer].transpose(-1, -2))
-        return (d_queries, d_abars[0], d_targets, d_read, d_gain, d_write, d_transition, *d_weights, *d_states)
+        return (
+            d_queries,
+            d_abars[0],
+            d_targets,
+            d_read,
+            d_gain,
+            d_write,
+            d_transition,
+            *d_weights,
+            *d_states,
+            *d_anchors,
+        )
 
 
 class CausalConvSiLU(torch.autograd.Function):
@@ -492,14 +542,15 @@ def chunk_update(
     keys: torch.Tensor,
     targets: torch.Tensor,
     coefficients: ChunkCoefficients,
+    anchors: list[torch.Tensor],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`chunk_forward` without its intermediates, through :class:`ChunkFunction` when gradients are needed."""
     c = coefficients
-    inputs = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *gradient_weights, *states)
+    inputs = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *gradient_weights, *states, *anchors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         reads, *new_states = ChunkFunction.apply(*inputs)
         return reads, new_states
-    reads, new_states, _ = chunk_forward(states, gradient_weights, queries, keys, targets, c)
+    reads, new_states, _ = chunk_forward(states, gradient_weights, queries, keys, targets, c, anchors)
     return reads, new_states
 
 
@@ -524,6 +575,11 @@ class NeuralMemoryState:
         momentum: the current momentum ``S_t`` (same shapes), or ``None`` when momentum is disabled.
         chunk_weights: the fast weights at the last chunk boundary, where the gradients of the current chunk are
             taken (equal to ``weights`` on a boundary).
+        chunk_update: the part of ``W_t - W_0`` and ``S_t`` written by the current chunk's tokens, stacked per layer
+            as (batch, heads, 2, d_in, d_out) (1 slot without momentum); zero on a boundary. The chunk's learning-rate
+            budget rescales it as the chunk goes on, so it is kept apart.
+        chunk_lr: the learning rates ``theta`` of the current chunk's tokens, summed, (batch, heads); zero on a
+            boundary.
         conv: the last ``conv_kernel - 1`` projected (pre-convolution) ``q|k|v`` rows of real tokens,
             (batch, conv_kernel - 1, 3 * heads * head_dim); ``None`` without convolution.
         seen: number of real tokens written so far per sequence, (batch,) int64; ``seen % chunk_size`` of them
@@ -537,6 +593,8 @@ class NeuralMemoryState:
     weights: list[torch.Tensor]
     momentum: list[torch.Tensor] | None
     chunk_weights: list[torch.Tensor]
+    chunk_update: list[torch.Tensor]
+    chunk_lr: torch.Tensor
     conv: torch.Tensor | None
     seen: torch.Tensor
     chunk_size: int
@@ -628,10 +686,13 @@ class NeuralMemory(nn.Module):
             are scaled down to this root-mean-square value if they exceed it (``None``: off). Far above the normal
             range (initial weights have RMS ``1/sqrt(d_in)``), it only acts when the inner optimisation diverges
             (too large a learning rate for the chunk size and the data), keeping the memory finite and bounded.
-        init_retention: retention ``1 - alpha`` at initialisation (through the gate bias).
+        retention_half_lives: at initialisation, the heads' retention ``1 - alpha`` is set (through the gate bias) so
+            that a write fades to half after these many tokens, spread geometrically from the first value (head 0)
+            to the second (the last head): several time scales, among which the data-dependent gate chooses.
         init_momentum: momentum decay ``eta`` at initialisation.
         init_lr_fraction: ``theta / max_lr`` at initialisation.
-        initializer_range: standard deviation of the projection weights at initialisation.
+        initializer_range: standard deviation of the gate and output projection weights at initialisation (the
+            q|k|v projection uses ``1 / sqrt(hidden_size)``).
         norm_eps: epsilon of the per-head output RMSNorm.
     """
 
@@ -646,11 +707,11 @@ class NeuralMemory(nn.Module):
         conv_kernel: int = 4,
         momentum: bool = True,
         forget: bool = True,
-        max_lr: float = 0.01,
+        max_lr: float = 1.0,
         max_weight_rms: float | None = 1.0,
-        init_retention: float = 0.995,
+        retention_half_lives: tuple[float, float] = (32.0, 32768.0),
         init_momentum: float = 0.9,
-        init_lr_fraction: float = 0.1,
+        init_lr_fraction: float = 0.5,
         initializer_range: float = 0.02,
         norm_eps: float = 1e-6,
     ):
@@ -672,8 +733,17 @@ class NeuralMemory(nn.Module):
             isinstance(max_weight_rms, (int, float)) and math.isfinite(max_weight_rms) and max_weight_rms > 0
         ):
             raise ValueError(f"max_weight_rms must be None (off) or a finite number > 0, got {max_weight_rms!r}.")
+        lives = tuple(retention_half_lives) if isinstance(retention_half_lives, (tuple, list)) else ()
+        if not (
+            len(lives) == 2
+            and all(isinstance(h, (int, float)) and math.isfinite(h) and h > 0 for h in lives)
+            and lives[0] <= lives[1]
+        ):
+            raise ValueError(
+                "retention_half_lives must be two finite numbers 0 < first <= second (tokens), got "
+                f"{retention_half_lives!r}."
+            )
         for name, value in (
-            ("init_retention", init_retention),
             ("init_momentum", init_momentum),
             ("init_lr_fraction", init_lr_fraction),
         ):
@@ -691,7 +761,7 @@ class NeuralMemory(nn.Module):
         self.use_forget = forget
         self.max_lr = float(max_lr)
         self.max_weight_rms = None if max_weight_rms is None else float(max_weight_rms)
-        self.init_retention = init_retention
+        self.retention_half_lives = (float(lives[0]), float(lives[1]))
         self.init_momentum = init_momentum
         self.init_lr_fraction = init_lr_fraction
         self.initializer_range = initializer_range
@@ -721,13 +791,16 @@ class NeuralMemory(nn.Module):
     def reset_parameters(self, init=nn.init) -> None:
         """Initialises every parameter. ``init`` is ``torch.nn.init`` or ``transformers.initialization``.
 
-        The gate biases make the memory *retain* at initialisation (retention ``init_retention``, momentum
-        ``init_momentum``, learning rate ``init_lr_fraction * max_lr``); the gate weights are small, so the gates
-        start near these values on unit-RMS inputs.
+        The gate biases make the memory *retain* at initialisation (per head, a retention whose half-life lies in
+        ``retention_half_lives``; momentum ``init_momentum``; learning rate ``init_lr_fraction * max_lr``); the gate
+        weights are small, so the gates start near these values on unit-RMS inputs.
         """
         std = self.initializer_range
-        for linear in (self.qkv_proj, self.gate_proj, self.o_proj):
+        for linear in (self.gate_proj, self.o_proj):
             init.normal_(linear.weight, mean=0.0, std=std)
+        # q and k are l2-normalised, so only the values feel this scale: 1/sqrt(fan-in) gives values of unit-order
+        # entries at any width, large enough next to the unit keys for a write to show in the read z + MLP(z).
+        init.normal_(self.qkv_proj.weight, mean=0.0, std=self.hidden_size**-0.5)
         if self.conv_weight is not None and not getattr(self.conv_weight, "_is_hf_initialized", False):
             # Start close to the identity (the current token) with a little mixing of the previous ones.
             init.normal_(self.conv_weight, mean=0.0, std=std)
@@ -736,14 +809,28 @@ class NeuralMemory(nn.Module):
         for proj, value in (
             (self.lr_proj, self.init_lr_fraction),
             (self.momentum_proj, self.init_momentum),
-            (self.retention_proj, self.init_retention),
+            (self.retention_proj, None),
         ):
             if proj is not None:
                 init.normal_(proj.weight, mean=0.0, std=std)
-                init.constant_(proj.bias, math.log(value / (1.0 - value)))
+                init.constant_(proj.bias, math.log(value / (1.0 - value)) if value is not None else 0.0)
+        if self.retention_proj is not None:  # the logit of r = 2^(-1/h) is log(r / (1 - r)) = -log(2^(1/h) - 1)
+            logits = -torch.log(torch.expm1(math.log(2.0) / self.initial_half_lives()))
+            bias = self.retention_proj.bias
+            if hasattr(init, "copy_"):  # transformers.initialization: leaves loaded weights alone
+                init.copy_(bias, logits.to(bias.dtype))
+            else:
+                with torch.no_grad():
+                    bias.copy_(logits)
         for w in self.initial_weights:
             init.normal_(w, mean=0.0, std=1.0 / math.sqrt(w.shape[-2]))
         init.ones_(self.norm_weight)
+
+    def initial_half_lives(self) -> torch.Tensor:
+        """The retention half-life of every head at initialisation (tokens), geometric over ``retention_half_lives``."""
+        low, high = self.retention_half_lives
+        steps = torch.linspace(0.0, 1.0, self.num_heads, dtype=torch.float64) if self.num_heads > 1 else torch.zeros(1)
+        return (low * (high / low) ** steps).to(torch.float64)
 
     # ---------------------------------------------------------------------------------------------------- gates
 
@@ -786,10 +873,13 @@ class NeuralMemory(nn.Module):
                 device=device,
                 dtype=self.qkv_proj.weight.dtype,
             )
+        slots = 2 if self.use_momentum else 1
         return NeuralMemoryState(
             weights=weights,
             momentum=[torch.zeros_like(w) for w in weights] if self.use_momentum else None,
             chunk_weights=weights,
+            chunk_update=[w.new_zeros(batch_size, w.shape[1], slots, *w.shape[2:]) for w in weights],
+            chunk_lr=torch.zeros(batch_size, self.num_heads, device=device, dtype=dtype),
             conv=conv,
             seen=torch.zeros(batch_size, dtype=torch.long, device=device),
             chunk_size=self.chunk_size,
@@ -861,10 +951,12 @@ class NeuralMemory(nn.Module):
             self.check_state(state, batch)
         x, counts, order = _compact(hidden_states, mask)
 
-        # Projections, causal conv + SiLU, l2-normalised q and k (eq. 11), gates (eq. 13-14).
+        # Projections, causal conv + SiLU, l2-normalisation (eq. 11), gates (eq. 13-14).
         features, conv_tail = self.causal_conv(self.qkv_proj(x), state.conv, self.conv_weight, counts)
         q, k, v = self.split_heads(features).to(dtype).unbind(0)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        # Unit queries and keys (eq. 11), and unit values: the inner problem has one scale at any width, the one for
+        # which the chunk's learning-rate budget is stable (README, "the write rule").
+        q, k, v = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(v, dim=-1)
 
         # Read and write chunk by chunk, with float32 (or float64) state even under autocast.
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
@@ -898,8 +990,8 @@ class NeuralMemory(nn.Module):
         A sequence that stopped ``phase`` tokens into a chunk first finishes that chunk (its ``C - phase`` next
         tokens: gradients still at the chunk's start weights, reads and carry from the running state), then runs
         whole chunks. Slot layout: the first ``head`` slots hold each sequence's tokens up to its next boundary
-        (``head`` = the longest such run; shorter runs end in identity slots), then chunks of ``C`` slots.
-        Identity slots (padding of the layout) have ``theta = 0`` and gates of 1: they change nothing.
+        (``head`` = the longest such run, 0 when every sequence is on a boundary; shorter runs end in identity
+        slots), then chunks of ``C`` slots. Identity slots (padding of the layout) have ``theta = 0`` and gates of 1.
         """
         if length == 1 and counts is None:  # decoding: one token per sequence, all real
             return self._step(state, q, k, v, lr, log_momentum, log_retention)
@@ -908,7 +1000,7 @@ class NeuralMemory(nn.Module):
         device = q.device
         phase = state.seen % size  # tokens already in the current chunk
         new = counts if counts is not None else torch.full((batch,), length, device=device, dtype=torch.long)
-        first = torch.minimum(new, size - phase)  # tokens up to the next chunk boundary
+        first = torch.minimum(new, (size - phase) % size)  # tokens that finish the current chunk
         head = int(first.max())
         chunks = -(-int((new - first).max()) // size)
         slots = head + chunks * size
@@ -948,33 +1040,49 @@ class NeuralMemory(nn.Module):
             rest = t[:, :, head:].reshape(batch, self.num_heads, chunks, size, *t.shape[3:])
             return [t[:, :, :head], *rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous().unbind(0)]
 
-        # Real tokens of each sequence in each piece; the state is carried from the last of them.
+        # Real tokens of each sequence in each piece; the state is carried from the last of them. A piece completes
+        # its chunk on reaching a boundary: the head when phase + first = C, the others when full.
         counts_in = [first] + [(new - first - n * size).clamp(0, size) for n in range(chunks)]
-        gates = [split(t) for t in (lrs, log_mom, log_ret)]
-        coefficients = []
-        for n, (lr_n, log_mom_n, log_ret_n) in enumerate(zip(*gates)):
-            last = (counts_in[n] - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
-            coefficients.append(ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, last))
-        # A chunk completes on reaching a boundary: the head when phase + first = C, the others when full.
-        completed = [phase + first == size] + [n_in == size for n_in in counts_in[1:]]
+        completed = [(first > 0) & (phase + first == size)] + [n_in == size for n_in in counts_in[1:]]
 
+        anchors = self._anchors(q.dtype)
+        num_slots = 1 if state.momentum is None else 2
+        deviations = [w - a for w, a in zip(state.weights, anchors)]
         if state.momentum is None:
-            running = [w.unsqueeze(2) for w in state.weights]
+            running = [d.unsqueeze(2) for d in deviations]
         else:
-            running = [torch.stack([w, s], dim=2) for w, s in zip(state.weights, state.momentum)]
+            running = [torch.stack([d, s], dim=2) for d, s in zip(deviations, state.momentum)]
+        update, lr_sum = list(state.chunk_update), state.chunk_lr
         boundary = list(state.chunk_weights)
         reads = []
-        pieces = zip(split(queries), split(keys), split(targets), coefficients, completed, counts_in)
-        for q_n, k_n, t_n, c_n, done, n_in in pieces:
+        pieces = zip(split(queries), split(keys), split(targets), *(split(t) for t in (lrs, log_mom, log_ret)))
+        for n, (q_n, k_n, t_n, lr_n, log_mom_n, log_ret_n) in enumerate(pieces):
             if q_n.shape[2] == 0:
                 continue
-            y, carried = chunk_update(running, boundary, q_n, k_n, t_n, c_n)
+            n_in, done = counts_in[n], completed[n]
+            active = n_in > 0
+            last = (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
+            # A piece that continues a chunk (the head) or stops inside one also carries the chunk's own update.
+            continuing = n == 0 and head > 0 or bool((active & ~done).any())
+            if continuing:
+                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, lr_sum)
+                stacked = [torch.cat([r, u], dim=2) for r, u in zip(running, update)]
+            else:
+                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last)
+                stacked = running
+            y, carried = chunk_update(stacked, boundary, q_n, k_n, t_n, c_n, anchors)
             reads.append(y)
-            running = _select_rows(n_in > 0, carried, running)
-            # On a boundary the safeguard bounds the state, and the next chunk takes its gradients there.
+            running = _select_rows(active, [x[:, :, :num_slots] for x in carried], running)
+            if continuing:
+                update = _select_rows(active, [x[:, :, num_slots:] for x in carried], update)
+                lr_sum = torch.where(active.unsqueeze(1), lr_sum + lr_n.sum(-1), lr_sum)
+            # On a boundary the chunk's update joins the state, the safeguard bounds it, and the next chunk takes its
+            # gradients there.
             if bool(done.any()):
                 running = _select_rows(done, self.bound(running), running)
-                boundary = _select_rows(done, [r[:, :, 0] for r in running], boundary)
+                update = _select_rows(done, [torch.zeros_like(u) for u in update], update)
+                lr_sum = torch.where(done.unsqueeze(1), torch.zeros_like(lr_sum), lr_sum)
+                boundary = _select_rows(done, [r[:, :, 0] + a for r, a in zip(running, anchors)], boundary)
         head_reads, chunk_reads = (reads[0], reads[1:]) if head else (None, reads)
         parts = [] if head_reads is None else [head_reads]
         if chunk_reads:
@@ -987,15 +1095,21 @@ class NeuralMemory(nn.Module):
         else:
             reads = _gather_time(reads.transpose(1, 2), token_slot, dim=1).transpose(1, 2)
 
-        new_state = NeuralMemoryState(
-            weights=[x[:, :, 0] for x in running],
-            momentum=None if state.momentum is None else [x[:, :, 1] for x in running],
+        new_state = NeuralMemoryState(  # contiguous, so that a live state and a reloaded snapshot compute alike
+            weights=[x[:, :, 0] + a for x, a in zip(running, anchors)],
+            momentum=None if state.momentum is None else [x[:, :, 1].contiguous() for x in running],
             chunk_weights=boundary,
+            chunk_update=[u.contiguous() for u in update],
+            chunk_lr=lr_sum,
             conv=state.conv,
             seen=state.seen + new,
             chunk_size=size,
         )
         return reads, new_state
+
+    def _anchors(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """``W_0`` per layer as (1, heads, d_in, d_out): what forgetting relaxes the fast weights towards."""
+        return [w.to(dtype).unsqueeze(0) for w in self.initial_weights]
 
     def _step(
         self,
@@ -1007,43 +1121,69 @@ class NeuralMemory(nn.Module):
         log_momentum: torch.Tensor | None,
         log_retention: torch.Tensor,
     ) -> tuple[torch.Tensor, NeuralMemoryState]:
-        """One real token per sequence (decoding) as the plain recurrence the closed form sums (eq. 13-14 with the
-        gradient at the chunk's start weights): ``S = eta S - theta grad``, ``W = (1 - alpha) W + S``, then the read
-        ``M_W(q)``; on a chunk boundary the safeguard bounds ``[W; S]`` and the next chunk takes its gradients there.
+        """One real token per sequence (decoding) as the plain recurrence the closed form sums: the gradient at the
+        chunk's start weights, the budget scale ``n`` of the chunk so far, then the read ``M_W(q)``; on a chunk
+        boundary the chunk's update joins the state, the safeguard bounds ``[D; S]`` and the next chunk takes its
+        gradients there. With ``D = W - W_0`` split into the chunk's own update ``A`` (and ``B`` of ``S``) and the
+        rest, and ``rho = n_before / n``:
 
-        The same arithmetic as :func:`chunk_forward` on a run of one token, in a quarter of the operations; cached
-        decoding is tested against the full (chunked) pass for every variant.
+            B = rho eta B - 2 (1 - eta) theta u / n       S = eta (S - B_before) + B
+            A = rho r A + B                               D = r (D - A_before) + eta (S - B_before) + A
+
+        The same arithmetic as :func:`chunk_forward` on a run of one token; cached decoding is tested against the
+        full (chunked) pass for every variant.
         """
         targets = v - k if self.residual else v  # the residual memory is M(z) = z + MLP(z)
         inputs, _, _, deltas = memory_errors(state.chunk_weights, k, targets)
-        step = (-2.0 * lr).unsqueeze(-1)  # -theta times the 2 of the squared loss, (batch, heads, 1, 1)
-        retention = torch.exp(log_retention).unsqueeze(-1)
-        momentum = None if log_momentum is None else torch.exp(log_momentum).unsqueeze(-1)
-        weights, momenta = [], None if momentum is None else []
-        for layer, (w, abar, delta) in enumerate(zip(state.weights, inputs, deltas)):
-            update = abar.transpose(-1, -2) @ (delta * step)  # -theta * (the rank-one gradient at the chunk start)
-            if momenta is not None:
-                update = torch.addcmul(update, state.momentum[layer], momentum)
-                momenta.append(update)
-            weights.append(torch.addcmul(update, w, retention))
+        theta = lr[..., 0]  # (batch, heads)
+        lr_sum = state.chunk_lr + theta
+        scale = 1.0 / torch.clamp(lr_sum / self.max_lr, min=1.0)  # 1 / n
+        rho = (torch.clamp(state.chunk_lr / self.max_lr, min=1.0) * scale)[..., None, None]
+        retention = torch.exp(log_retention)[..., None]  # (batch, heads, 1, 1)
+        momentum = None if log_momentum is None else torch.exp(log_momentum)[..., None]
+        step = -2.0 * theta * scale
+        if momentum is not None:
+            step = step * (1.0 - momentum[..., 0, 0])
+        anchors = self._anchors(q.dtype)
+        deviations, momenta, updates = [], None if momentum is None else [], []
+        for layer, (abar, delta) in enumerate(zip(inputs, deltas)):
+            written = abar.transpose(-1, -2) @ (delta * step[..., None, None])  # the scaled rank-one step
+            own = state.chunk_update[layer]
+            rest = state.weights[layer] - anchors[layer] - own[:, :, 0]  # D without the chunk's own update
+            if momentum is None:
+                own_d = torch.addcmul(written, own[:, :, 0], rho * retention)
+                updates.append(own_d.unsqueeze(2))
+                deviations.append(torch.addcmul(own_d, rest, retention))
+                continue
+            rest_s = (state.momentum[layer] - own[:, :, 1]) * momentum
+            own_s = torch.addcmul(written, own[:, :, 1], rho * momentum)
+            own_d = torch.addcmul(own_s, own[:, :, 0], rho * retention)
+            updates.append(torch.stack([own_d, own_s], dim=2))
+            momenta.append(rest_s + own_s)
+            deviations.append(torch.addcmul(rest_s + own_d, rest, retention))
+        weights = [d + a for d, a in zip(deviations, anchors)]
         reads = memory_mlp(weights, q, self.residual)
-
         seen = state.seen + 1
         boundary = seen % self.chunk_size == 0
         chunk_weights = list(state.chunk_weights)
         if bool(boundary.any()):
             if momenta is None:
-                stacked = [w.unsqueeze(2) for w in weights]
+                stacked = [d.unsqueeze(2) for d in deviations]
             else:
-                stacked = [torch.stack([w, s], dim=2) for w, s in zip(weights, momenta)]
+                stacked = [torch.stack([d, s], dim=2) for d, s in zip(deviations, momenta)]
             stacked = _select_rows(boundary, self.bound(stacked), stacked)
-            weights = [x[:, :, 0] for x in stacked]
+            deviations = [x[:, :, 0] for x in stacked]
             momenta = None if momenta is None else [x[:, :, 1] for x in stacked]
+            updates = _select_rows(boundary, [torch.zeros_like(u) for u in updates], updates)
+            lr_sum = torch.where(boundary.unsqueeze(1), torch.zeros_like(lr_sum), lr_sum)
+            weights = [d + a for d, a in zip(deviations, anchors)]
             chunk_weights = _select_rows(boundary, weights, chunk_weights)
         new_state = NeuralMemoryState(
             weights=weights,
             momentum=momenta,
             chunk_weights=chunk_weights,
+            chunk_update=updates,
+            chunk_lr=lr_sum,
             conv=state.conv,
             seen=seen,
             chunk_size=self.chunk_size,
@@ -1051,7 +1191,7 @@ class NeuralMemory(nn.Module):
         return reads, new_state
 
     def bound(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The ``max_weight_rms`` safeguard, applied to each layer's ``[W; S]`` (batch, heads, s, d_in, d_out)."""
+        """The ``max_weight_rms`` safeguard, applied to each layer's ``[W - W_0; S]`` (batch, heads, s, d_in, d_out)."""
         if self.max_weight_rms is None:
             return states
         cap = self.max_weight_rms
@@ -1136,6 +1276,18 @@ class NeuralMemory(nn.Module):
             )
         if [tuple(w.shape) for w in state.chunk_weights] != expected:
             raise ValueError(f"state chunk_weights do not match this memory: expected {expected}.")
+        slots = 2 if self.use_momentum else 1
+        expected_update = [(b, h, slots, i, o) for b, h, i, o in expected]
+        found_update = None if state.chunk_update is None else [tuple(u.shape) for u in state.chunk_update]
+        if found_update != expected_update or state.chunk_lr is None:
+            raise ValueError(
+                f"state chunk_update has shapes {found_update}, expected {expected_update} (and a chunk_lr): was it "
+                "made by an older version of titans-hf? Start a new stream."
+            )
+        if tuple(state.chunk_lr.shape) != (batch_size, self.num_heads):
+            raise ValueError(
+                f"state chunk_lr has shape {tuple(state.chunk_lr.shape)}, expected {(batch_size, self.num_heads)}."
+            )
         expected_conv = (
             None
             if self.conv_weight is None
