@@ -26,7 +26,10 @@ Writes ``results/recall.json`` and ``results/recall.png`` (``--out`` to change t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -58,6 +61,8 @@ from common import (  # noqa: E402
     torch,
     train,
 )
+
+from titans_hf.neural_memory import NeuralMemory  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "python-docs"
 IGNORE = -100
@@ -231,6 +236,32 @@ def evaluate(model, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.cat(correct), torch.cat(dist), torch.cat(seq)
 
 
+@contextlib.contextmanager
+def memory_writes_off(model):
+    """The ablation "memory never written": every neural memory of ``model`` reads its initial weights ``W_0`` and
+    writes nothing (``NeuralMemory.forward(..., write=False)``) while the context is open."""
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    for memory in memories:
+        memory.forward = functools.partial(NeuralMemory.forward, memory, write=False)
+    try:
+        yield
+    finally:
+        for memory in memories:
+            del memory.forward
+
+
+def sweep_sets(task, gaps: list[int], num: int, batch: int, seed: int = 54321) -> dict[int, list]:
+    """Evaluation sets at fixed distractor spans ``gaps`` (every scored query lies beyond them)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        gap: [task.batch(generator, batch, gap, split="eval") for _ in range(max(1, num // batch))] for gap in gaps
+    }
+
+
+def accuracy(correct: torch.Tensor) -> float | None:
+    return float(correct.float().mean()) if correct.numel() else None
+
+
 def bin_edges(max_distance: int, reach: int) -> list[int]:
     """Bins: [1, reach] (attention can reach), then doubling ranges beyond."""
     edges = [1, reach + 1]
@@ -252,63 +283,136 @@ def bin_accuracy(correct: torch.Tensor, dist: torch.Tensor, edges: list[int]) ->
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run_task(task, models, dims: Dims, settings: TrainSettings, seeds, batch: int, eval_num: int, log) -> dict:
+@dataclasses.dataclass
+class Job:
+    """One model of one seed: trained from scratch, then evaluated (the unit of work of a worker process)."""
+
+    task: object
+    name: str
+    seed: int
+    dims: Dims
+    intermediate_size: int
+    settings: TrainSettings
+    batch: int
+    reach: int
+    edges: list[int]
+    evaluation: list
+    far: dict
+    threads: int
+
+
+def run_job(job: Job) -> dict:
+    """Trains and evaluates one model; the same seed gives the same batches for every model and any worker."""
+    setup(job.threads)
+    task, name, seed, reach = job.task, job.name, job.seed, job.reach
+    model = build_model(name, job.dims, job.intermediate_size, seed)
+    generator = torch.Generator().manual_seed(10_000 + seed)  # same batches for every model of a seed
+
+    def batches(step):
+        gap = int(torch.randint(task.max_gap + 1, (1,), generator=generator))
+        input_ids, labels, _ = task.batch(generator, job.batch, gap, split="train")
+        return input_ids, labels
+
+    cpu = time.process_time()
+    result = train(model, batches, job.settings, desc=f"{task.name} {name} seed {seed}")
+    correct, dist, seq = evaluate(model, job.evaluation)
+    beyond, within = accuracy(correct[dist > reach]), accuracy(correct[dist <= reach])
+    writes_off = None
+    if name not in BASELINES:  # the same trained model, its memory never written: is the recall in the memory?
+        with memory_writes_off(model):
+            off, off_dist, _ = evaluate(model, job.evaluation)
+        writes_off = accuracy(off[off_dist > reach])
+    distance_sweep = {}
+    for gap, sets in job.far.items():
+        far_correct, _, far_seq = evaluate(model, sets)
+        distance_sweep[str(gap)] = {"accuracy": accuracy(far_correct)}
+        if task.name == "passkey":
+            distance_sweep[str(gap)]["whole_key"] = whole_key_accuracy(far_correct, None, far_seq, None)
+    run = {
+        "model": name,
+        "seed": seed,
+        "bins": bin_accuracy(correct, dist, job.edges),
+        "beyond": beyond,
+        "within": within,
+        "whole_key_beyond": whole_key_accuracy(correct, dist, seq, reach) if task.name == "passkey" else None,
+        "writes_off_beyond": writes_off,
+        "distance_sweep": distance_sweep,
+        "final_loss": result["curve"][-1][1],
+        "curve": result["curve"],
+        "train_seconds": result["seconds"],
+        "cpu_seconds": time.process_time() - cpu,
+        "parameters": count_parameters(model),
+    }
+    swept = "  ".join(f"@{gap}: {_pct(v['accuracy'])}" for gap, v in distance_sweep.items())
+    run["line"] = (
+        f"  {task.name} {LABELS[name]:<14} seed {seed}: beyond {_pct(beyond)}  within {_pct(within)}  "
+        f"writes off {_pct(writes_off)}  {swept}  loss {run['final_loss']:.3f}  {result['seconds']:.0f}s"
+    )
+    return run
+
+
+def run_task(
+    task,
+    models,
+    dims: Dims,
+    settings: TrainSettings,
+    seeds,
+    batch: int,
+    eval_num: int,
+    sweep: list[int],
+    sweep_num: int,
+    workers: int,
+    threads: int,
+    log,
+) -> dict:
+    """Every (seed, model) job, in ``workers`` processes of ``threads`` torch threads each (1 worker: in process)."""
     sizes = matched_intermediate_sizes(models, dims)
     log(f"\n### {task.name}: parameters (matched on {dims.reference})\n")
     log(parameter_table(sizes, dims))
     reach = dims.num_hidden_layers * (dims.window - 1)
     evaluation = eval_set(task, eval_num, min(batch * 2, eval_num))
-    max_distance = max(int(d.max()) for _, _, d in evaluation)
-    edges = bin_edges(max_distance, reach)
+    far = sweep_sets(task, sweep, sweep_num, batch=8)
+    edges = bin_edges(max(int(d.max()) for _, _, d in evaluation), reach)
+    common = dict(dims=dims, settings=settings, batch=batch, reach=reach, edges=edges, evaluation=evaluation, far=far)
+    slow_first = sorted(models, key=lambda m: ("mac", "mag", "mal", "lmm", "mistral", "llama").index(m))
+    jobs = [
+        Job(task=task, name=m, seed=seed, intermediate_size=sizes[m][0], threads=threads, **common)
+        for seed in seeds
+        for m in slow_first
+    ]
     runs = {m: [] for m in models}
-    for seed in seeds:
-        for name in models:
-            model = build_model(name, dims, sizes[name][0], seed)
-            generator = torch.Generator().manual_seed(10_000 + seed)  # same batches for every model of a seed
-
-            def batches(step, generator=generator):
-                gap = int(torch.randint(task.max_gap + 1, (1,), generator=generator))
-                input_ids, labels, _ = task.batch(generator, batch, gap, split="train")
-                return input_ids, labels
-
-            cpu = time.process_time()
-            result = train(model, batches, settings, desc=f"{task.name} {name} seed {seed}")
-            correct, dist, seq = evaluate(model, evaluation)
-            bins = bin_accuracy(correct, dist, edges)
-            beyond = correct[dist > reach].float().mean().item() if bool((dist > reach).any()) else None
-            within = correct[dist <= reach].float().mean().item() if bool((dist <= reach).any()) else None
-            whole = None
-            if task.name == "passkey":  # all digits right under teacher forcing = greedy decoding gets the key
-                per_seq = torch.zeros(int(seq.max()) + 1).index_add_(0, seq, (~correct).float())
-                far = torch.zeros(int(seq.max()) + 1, dtype=torch.bool).index_fill_(0, seq[dist > reach], True)
-                whole = float((per_seq[far] == 0).float().mean()) if bool(far.any()) else None
-            runs[name].append(
-                {
-                    "seed": seed,
-                    "bins": bins,
-                    "beyond": beyond,
-                    "within": within,
-                    "whole_key_beyond": whole,
-                    "final_loss": result["curve"][-1][1],
-                    "curve": result["curve"],
-                    "train_seconds": result["seconds"],
-                    "cpu_seconds": time.process_time() - cpu,
-                    "parameters": count_parameters(model),
-                }
-            )
-            log(
-                f"  {task.name} {LABELS[name]:<14} seed {seed}: beyond {_pct(beyond)}  within {_pct(within)}  "
-                f"loss {result['curve'][-1][1]:.3f}  {result['seconds']:.0f}s"
-            )
+    if workers <= 1:
+        done = map(run_job, jobs)
+    else:  # forked workers: every job seeds itself, so the results do not depend on the schedule
+        pool = multiprocessing.get_context("fork").Pool(workers, maxtasksperchild=1)
+        done = pool.imap_unordered(run_job, jobs)
+    for run in done:
+        log(run.pop("line"))
+        runs[run.pop("model")].append(run)
+    if workers > 1:
+        pool.close()
+        pool.join()
+    for name in runs:
+        runs[name].sort(key=lambda r: r["seed"])
     return {
         "task": task.name,
         "task_settings": _task_settings(task),
         "chance": task.chance,
         "reach": reach,
         "edges": edges,
+        "sweep_gaps": list(sweep),
         "parameters": {m: {"intermediate_size": i, "parameters": p} for m, (i, p) in sizes.items()},
         "runs": runs,
     }
+
+
+def whole_key_accuracy(correct, dist, seq, reach) -> float | None:
+    """Passkey: the fraction of sequences (with a key beyond ``reach``; all when ``dist`` is None) whose every digit is
+    right under teacher forcing, i.e. greedy decoding reproduces the whole key."""
+    wrong = torch.zeros(int(seq.max()) + 1).index_add_(0, seq, (~correct).float())
+    scored = seq if dist is None else seq[dist > reach]
+    chosen = torch.zeros(len(wrong), dtype=torch.bool).index_fill_(0, scored, True)
+    return float((wrong[chosen] == 0).float().mean()) if bool(chosen.any()) else None
 
 
 def _task_settings(task) -> dict:
@@ -321,63 +425,134 @@ def _pct(x) -> str:
     return "  -  " if x is None else f"{100 * x:5.1f}%"
 
 
-def summarize(result: dict) -> tuple[str, dict]:
-    """Table (accuracy % per distance bin, mean ± half-range over seeds) and the target verdicts."""
+def _cell(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return fmt_spread(spread(values), 1, percent=True) if values else "-"
+
+
+def summarize(result: dict) -> tuple[str, str, dict]:
+    """Tables (accuracy % per distance bin, and at the swept distractor spans; mean ± half-range over seeds) and the
+    target verdicts (per seed: every seed must meet them)."""
     edges, reach = result["edges"], result["reach"]
     header = ["model"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"beyond {reach}"]
+    header.append("writes off, beyond")
     if result["task"] == "passkey":
         header.append("whole key beyond")
-    rows, beyond = [], {}
+    rows = []
     for name, runs in result["runs"].items():
-        row = [LABELS[name]]
-        for b in range(len(edges) - 1):
-            values = [r["bins"][b] for r in runs if r["bins"][b] is not None]
-            row.append(fmt_spread(spread(values), 1, percent=True) if values else "-")
-        values = [r["beyond"] for r in runs if r["beyond"] is not None]
-        beyond[name] = spread(values) if values else None
-        row.append(fmt_spread(beyond[name], 1, percent=True) if values else "-")
+        row = [LABELS[name]] + [_cell([r["bins"][b] for r in runs]) for b in range(len(edges) - 1)]
+        row.append(_cell([r["beyond"] for r in runs]))
+        row.append(_cell([r.get("writes_off_beyond") for r in runs]))
         if result["task"] == "passkey":
-            values = [r["whole_key_beyond"] for r in runs if r["whole_key_beyond"] is not None]
-            row.append(fmt_spread(spread(values), 1, percent=True) if values else "-")
+            row.append(_cell([r["whole_key_beyond"] for r in runs]))
         rows.append(row)
     table = format_table(header, rows)
+
+    gaps = result.get("sweep_gaps", [])
+    sweep_rows = []
+    for name, runs in result["runs"].items():
+        row = [LABELS[name], _cell([r["beyond"] for r in runs])]
+        for gap in gaps:
+            row.append(_cell([r["distance_sweep"][str(gap)]["accuracy"] for r in runs]))
+        sweep_rows.append(row)
+    sweep_table = format_table(["model", "trained spans (beyond)"] + [f"{g} distractors" for g in gaps], sweep_rows)
+
+    def per_seed(name: str, key=lambda r: r["beyond"]) -> list[float | None]:
+        return [key(r) for r in result["runs"].get(name, [])]
+
     verdict = {}
-    llama = beyond.get("llama")
-    for name in ("mac", "mag", "mal", "lmm"):
-        if name in beyond and llama and beyond[name]:
-            ratio = beyond[name]["mean"] / max(llama["mean"], 1e-9)
-            verdict[name] = {"ratio_to_llama": ratio, "target_met": ratio >= 0.9 if name != "lmm" else None}
-    if "mistral" in beyond and beyond["mistral"]:
-        excess = beyond["mistral"]["mean"] - result["chance"]
-        verdict["mistral"] = {"above_chance": excess, "near_chance": excess < 0.05}
-    return table, verdict
+    llama = per_seed("llama")
+    for name, need in (("mac", 0.9), ("mag", 0.9), ("mal", 0.9), ("lmm", 0.8)):
+        if name in result["runs"] and llama:
+            ratios = [a / max(b, 1e-9) for a, b in zip(per_seed(name), llama) if a is not None and b is not None]
+            verdict[name] = {
+                "ratios_to_llama": ratios,
+                "need": need,
+                "target_met": bool(ratios) and min(ratios) >= need,
+            }
+            offs = [v for v in per_seed(name, lambda r: r.get("writes_off_beyond")) if v is not None]
+            verdict[name]["writes_off"] = offs
+    if "mistral" in result["runs"]:
+        mistral = [v for v in per_seed("mistral") if v is not None]
+        verdict["mistral"] = {"beyond": mistral, "near_chance": all(v - result["chance"] < 0.05 for v in mistral)}
+        for name in ("mac", "mag", "mal", "lmm"):
+            if name in verdict and verdict[name]["writes_off"]:
+                verdict[name]["writes_off_at_mistral_level"] = max(verdict[name]["writes_off"]) < max(mistral) + 0.05
+    for name in ("mac", "mag", "mal", "lmm", "mistral"):
+        if name not in result["runs"] or not gaps:
+            continue
+        kept = {}
+        for gap in gaps:
+            pairs = [(r["distance_sweep"][str(gap)]["accuracy"], r["beyond"]) for r in result["runs"][name]]
+            kept[gap] = [a / max(b, 1e-9) for a, b in pairs if a is not None and b is not None]
+        verdict.setdefault(name, {})["sweep_kept"] = kept
+    return table, sweep_table, verdict
 
 
 def verdict_lines(result: dict, verdict: dict) -> list[str]:
     lines = []
     for name in ("mac", "mag", "mal", "lmm"):
-        if name in verdict:
-            v = verdict[name]
-            status = (
-                ""
-                if v["target_met"] is None
-                else (" (target >= 90%: met)" if v["target_met"] else " (target >= 90%: MISSED)")
-            )
+        if name not in verdict or "ratios_to_llama" not in verdict[name]:
+            continue
+        v = verdict[name]
+        ratios = ", ".join(f"{100 * r:.0f}%" for r in v["ratios_to_llama"])
+        status = "met" if v["target_met"] else "MISSED"
+        lines.append(
+            f"- {LABELS[name]}: {ratios} of Llama's accuracy beyond reach, per seed "
+            f"(target >= {100 * v['need']:.0f}% in every seed: {status})"
+        )
+        if v.get("writes_off"):
+            level = v.get("writes_off_at_mistral_level")
             lines.append(
-                f"- {LABELS[name]}: {100 * v['ratio_to_llama']:.0f}% of Llama's accuracy beyond reach{status}"
+                f"  writes off at evaluation: {', '.join(f'{100 * x:.1f}%' for x in v['writes_off'])}"
+                + ("" if level is None else f" ({'at' if level else 'NOT at'} Mistral's level)")
             )
-    if "mistral" in verdict:
+    if "mistral" in verdict and "beyond" in verdict["mistral"]:
         v = verdict["mistral"]
         lines.append(
-            f"- Mistral (SWA): {100 * v['above_chance']:+.1f} points above chance ({100 * result['chance']:.1f}%) beyond "
-            f"reach ({'near chance' if v['near_chance'] else 'NOT near chance'})"
+            f"- Mistral (SWA): {', '.join(f'{100 * x:.1f}%' for x in v['beyond'])} beyond reach, chance "
+            f"{100 * result['chance']:.1f}% ({'near chance' if v['near_chance'] else 'NOT near chance'})"
         )
+    for name in ("mac", "mag", "mal", "lmm", "mistral"):
+        kept = verdict.get(name, {}).get("sweep_kept")
+        if kept:
+            parts = [f"{gap}: {', '.join(f'{100 * k:.0f}%' for k in ks)}" for gap, ks in kept.items()]
+            lines.append(
+                f"- {LABELS[name]} at long distractor spans, share of its trained-span accuracy: {'; '.join(parts)}"
+            )
     return lines
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Per task: accuracy by key-query distance within the trained spans (top), and at the swept spans (bottom)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 8), squeeze=False)
+    for ax, result in zip(axes[1], results):
+        gaps = result.get("sweep_gaps", [])
+        for name, runs in result["runs"].items():
+            xs, ys, lo, hi = [], [], [], []
+            for gap in [None, *gaps]:
+                if gap is None:
+                    values, x = [r["beyond"] for r in runs], result["task_settings"]["max_gap"] / 2
+                else:
+                    values = [r["distance_sweep"][str(gap)]["accuracy"] for r in runs]
+                    x = gap
+                values = [v for v in values if v is not None]
+                if values:
+                    sp = spread(values)
+                    xs.append(x)
+                    ys.append(100 * sp["mean"])
+                    lo.append(100 * (sp["mean"] - sp["min"]))
+                    hi.append(100 * (sp["max"] - sp["mean"]))
+            style = "--" if name in BASELINES else "-"
+            ax.errorbar(xs, ys, yerr=[lo, hi], label=LABELS[name], color=COLORS[name], ls=style, marker="o", capsize=3)
+        ax.axhline(100 * result["chance"], color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("distractor span (tokens); first point: the trained spans")
+        ax.set_ylabel("accuracy beyond the window (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{result['task']}: recall far beyond the training distances")
+        ax.grid(alpha=0.3)
     for ax, result in zip(axes[0], results):
         edges = result["edges"]
         centers = [(lo + hi - 1) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
@@ -423,10 +598,21 @@ FULL = dict(
     hidden=128,
     intermediate=256,
     memory_heads=8,
-    memory_max_lr=0.1,  # MAG seed 0, 600 steps: 20.5% beyond reach at 0.1, 12.3% at 0.01 (default), 11.7% at 1.0
+    sweep=[256, 1024, 4096],
+    sweep_num=64,
 )
 QUICK = dict(
-    steps=12, batch=8, eval_num=32, seeds=[0], mqar_gap=32, passkey_gap=32, hidden=64, intermediate=128, memory_heads=4
+    steps=12,
+    batch=8,
+    eval_num=32,
+    seeds=[0],
+    mqar_gap=32,
+    passkey_gap=32,
+    hidden=64,
+    intermediate=128,
+    memory_heads=4,
+    sweep=[64, 128],
+    sweep_num=8,
 )
 
 
@@ -441,6 +627,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-num", type=int, default=None, help="evaluation sequences per task")
     p.add_argument("--mqar-gap", type=int, default=None, help="largest distractor span (tokens)")
+    p.add_argument(
+        "--sweep", type=int, nargs="*", default=None, help="distractor spans of the far evaluation (after training)"
+    )
+    p.add_argument("--sweep-num", type=int, default=None, help="evaluation sequences per swept span")
     p.add_argument("--passkey-gap", type=int, default=None, help="largest haystack span after the key (bytes)")
     p.add_argument("--pairs", type=int, default=4, help="MQAR key-value pairs per sequence")
     p.add_argument("--queries", type=int, default=4, help="MQAR queries per sequence (keys drawn with replacement)")
@@ -471,7 +661,13 @@ def parse_args(argv=None):
     p.add_argument("--titans-config", default="", help="other TitansConfig fields, e.g. memory_max_weight_rms=none")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="recall", help="file name stem of the JSON and PNG")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="processes training models side by side (each with --threads torch threads); 1: all in this process",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = p.parse_args(argv)
     mode = QUICK if args.quick else FULL
     for key, value in mode.items():
@@ -531,10 +727,23 @@ def main(argv=None) -> dict:
             titans_config=parse_assignments(args.titans_config),
             reference="mag" if "mag" in models else models[0],
         )
-        result = run_task(task, models, dims, settings, args.seeds, args.batch, args.eval_num, log)
+        result = run_task(
+            task,
+            models,
+            dims,
+            settings,
+            args.seeds,
+            args.batch,
+            args.eval_num,
+            args.sweep,
+            args.sweep_num,
+            args.workers,
+            args.threads,
+            log,
+        )
         result["dims"] = dataclasses.asdict(dims)
         result["train"] = dataclasses.asdict(settings) | {"batch": args.batch, "seeds": args.seeds}
-        table, verdict = summarize(result)
+        table, sweep_table, verdict = summarize(result)
         result["verdict"] = verdict
         log(f"\n### {task_name}: accuracy (%) by key-query distance, mean ± half-range over seeds {args.seeds}")
         log(
@@ -542,6 +751,9 @@ def main(argv=None) -> dict:
             f"chance {100 * task.chance:.1f}%)\n"
         )
         log(table)
+        if result["sweep_gaps"]:
+            log(f"\n### {task_name}: accuracy (%) at long distractor spans (trained on spans up to {task.max_gap})\n")
+            log(sweep_table)
         log("")
         for line in verdict_lines(result, verdict):
             log(line)
