@@ -65,3 +65,28 @@ def test_lm_quality_quick(tmp_path):
             assert all(0 < v < 9 for v in run["bpb"].values())
     assert (tmp_path / "lm_quality_curves.png").stat().st_size > 0
     assert (tmp_path / "lm_quality_extrapolation.png").stat().st_size > 0
+
+
+def test_write_rule_quick(tmp_path):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    out = tmp_path / "write_rule.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "write_rule.py"),
+            "--quick",
+            "--variants",
+            "mag",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| mag | 1 |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(row["text_d16"]["finite"] for row in rows)  # the default budget is stable on real text

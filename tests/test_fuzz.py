@@ -55,9 +55,11 @@ def configurations(draw) -> dict:
         memory_num_heads=memory_heads,
         memory_head_dim=draw(st.sampled_from([None, 2, 3, 4])),
         memory_conv_kernel=draw(st.sampled_from([0, 2, 4])),
+        mac_memory_input=draw(st.sampled_from(["input", "attention"])),
         memory_momentum=draw(st.booleans()),
         memory_forget=draw(st.booleans()),
-        memory_max_lr=draw(st.sampled_from([0.01, 0.3])),
+        # 0.05: the budget binds from the first token on; 4: a budget over the stable range.
+        memory_max_lr=draw(st.sampled_from([0.05, 1.0, 4.0])),
         memory_max_weight_rms=draw(st.sampled_from([None, 1.0, 0.05])),  # 0.05: the safeguard acts all the time
         pad_token_id=0,
         bos_token_id=None,

@@ -8,7 +8,8 @@ and :class:`~neural_memory.NeuralMemory`, plus a SwiGLU MLP:
 - **MAL**  ``h = x + M(norm(x))``, then ``h = h + SWA(norm(h))``                        (memory as a layer)
 - **MAG**  ``h = x + gate(SWA(norm(x)), M(norm(x)))``                                    (memory as a gate)
 - **MAC**  per segment ``s``: ``hr = M*_{s-1}(q(norm(x)))`` read before the segment, ``y = Attn([P || hr || x])``,
-  ``M`` written with ``y``, ``h = x + gate(y, M(y))``                                    (memory as context)
+  ``M`` written with ``norm(x)`` (or, ``mac_memory_input="attention"``, the paper's ``norm(y)``) and read back,
+  ``h = x + gate(y, M(.))``                                                              (memory as context)
 
 with ``gate(y, m) = RMSNorm(y) * sigmoid(RMSNorm(m))`` (paper §4.2/4.3: normalised outputs, non-linear gating) and
 ``P`` the persistent memory tokens. Choices the paper leaves open are documented where they are made and in the
@@ -603,7 +604,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         Each row's tokens are placed in segment slots (a row whose previous call stopped inside a segment starts at
         that slot, after the cached tokens), so that all rows run their segments together. For a segment:
         ``h = M*(q(x))`` with the weights from the start of the segment (read-only), ``y`` = attention over
-        ``[persistent || h || x]``, the memory is written with ``y`` and read back causally, ``o = gate(y, M(y))``.
+        ``[persistent || h || x]``, the memory is written with the segment's normed input (or with ``norm(y)``, see
+        ``mac_memory_input``) and read back causally, ``o = gate(y, M(.))``.
         """
         segment = self.config.segment_size
         batch, length, hidden = x.shape
@@ -629,7 +631,6 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             return t.gather(1, index)
 
         normed = to_slots(self.input_layernorm(x))
-
         cos, sin = (to_slots(t) for t in position_embeddings)
 
         cache = attention_cache if use_cache else {}

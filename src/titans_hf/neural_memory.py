@@ -2,15 +2,19 @@
 """Neural long-term memory of Titans (Behrouz, Zhong, Mirrokni 2024, §3.1), in exact chunked parallel form.
 
 The memory is a small MLP ``M`` per head whose weights are a recurrent state, trained while reading by gradient
-descent with momentum and forgetting on the associative loss ``||M(k_t) - v_t||^2`` (paper eq. 12-14):
+descent with momentum and forgetting on the associative loss ``||M(k) - v||^2`` (paper eq. 12-14), and read with
+the queries, ``y_t = M_{W_t}(q_t)`` (eq. 15). The write rule (``docs/design.md`` §2) is the paper's with four
+changes that make it learn with its default settings:
 
-    S_t = eta_t * S_{t-1} - theta_t * grad l(W_{t-1}; k_t, v_t)        (momentum, "surprise")
-    W_t = (1 - alpha_t) * W_{t-1} + S_t                                 (forgetting)
-    y_t = M_{W_t}(q_t)                                                  (retrieval, eq. 15)
+    g_t = (1 - eta_t) theta_t                               momentum as an average
+    n_t = max(1, (theta over the chunk so far) / max_lr)    the chunk's learning-rate budget
+    S_t = eta_t S_{t-1} - g_t grad_t                        (every step of the current chunk divided by n_t at token t)
+    W_t - W_0 = (1 - alpha_t) (W_{t-1} - W_0) + S_t         forgetting relaxes towards the learned initial weights W_0
 
-Inside a chunk of ``chunk_size`` tokens every gradient is taken at the chunk-start weights (mini-batch gradient
-descent, paper §3.2). The outputs of a whole chunk then have a closed (dual) form that never materialises per-token
-weights; see :func:`chunk_update` and ``DESIGN.md`` §2. ``chunk_size=1`` is exact online gradient descent.
+with ``q``, ``k`` and ``v`` l2-normalised per head. Inside a chunk of ``chunk_size`` tokens every gradient is taken
+at the chunk-start weights (mini-batch gradient descent, paper §3.2). The outputs of a whole chunk then have a closed
+(dual) form that never materialises per-token weights; see :func:`chunk_forward` and ``docs/design.md`` §3.
+``chunk_size=1`` is exact online gradient descent.
 
 This file is a flat sibling of ``modeling_titans.py`` and imports nothing from the package, so that it travels with
 saved checkpoints for ``trust_remote_code`` loading.
@@ -240,55 +244,32 @@ class ChunkCoefficients:
             return x.gather(-1, last.unsqueeze(-1)).squeeze(-1)
 
         if log_momentum is None:
-            step = -2.0 * lr
-            gain = retention_decay * step.unsqueeze(-2) * scale.unsqueeze(-1)
-            write_d = at_last(gain, rows=True)
-            beta_last = at_last(beta)
-            if lr_before is None:
-                return cls(beta.unsqueeze(-1), gain, write_d.unsqueeze(-1), beta_last[..., None, None])
-            rho = _budget_ratio(lr_before, max_lr, scale)  # n_p / n_i
-            rho_last = at_last(rho)
-            zero = torch.zeros_like(beta_last)
-            transition = _matrix([[beta_last, (rho_last - 1) * beta_last], [zero, rho_last * beta_last]])
-            read = torch.stack([beta, (rho - 1) * beta], dim=-1)
-            return cls(read, gain, torch.stack([write_d, write_d], dim=-1), transition)
-
-        step = 2.0 * lr * torch.expm1(log_momentum)  # -2 g_j = -2 (1 - eta_j) theta_j
-        momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
-        m = torch.exp(torch.cumsum(log_momentum, dim=-1))
-        gain = (retention_decay @ momentum_decay) * step.unsqueeze(-2) * scale.unsqueeze(-1)
-        f = (retention_decay @ m.unsqueeze(-1)).squeeze(-1)
-        write_d = at_last(gain, rows=True)
-        write_s = at_last(momentum_decay, rows=True) * step * at_last(scale).unsqueeze(-1)
-        beta_last, f_last, m_last = at_last(beta), at_last(f), at_last(m)
-        zero = torch.zeros_like(m_last)
+            gain = retention_decay * (-2.0 * lr).unsqueeze(-2) * scale.unsqueeze(-1)
+            read, write = beta.unsqueeze(-1), at_last(gain, rows=True).unsqueeze(-1)
+            transition = at_last(beta)[..., None, None]
+        else:
+            step = 2.0 * lr * torch.expm1(log_momentum)  # -2 g_j = -2 (1 - eta_j) theta_j
+            momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
+            m = torch.exp(torch.cumsum(log_momentum, dim=-1))
+            gain = (retention_decay @ momentum_decay) * step.unsqueeze(-2) * scale.unsqueeze(-1)
+            f = (retention_decay @ m.unsqueeze(-1)).squeeze(-1)
+            read = torch.stack([beta, f], dim=-1)
+            write_s = at_last(momentum_decay, rows=True) * step * at_last(scale).unsqueeze(-1)
+            write = torch.stack([at_last(gain, rows=True), write_s], dim=-1)
+            zero = torch.zeros_like(at_last(m))
+            transition = torch.stack(
+                [torch.stack([at_last(beta), at_last(f)], -1), torch.stack([zero, at_last(m)], -1)], dim=-2
+            )
         if lr_before is None:
-            transition = _matrix([[beta_last, f_last], [zero, m_last]])
-            return cls(torch.stack([beta, f], dim=-1), gain, torch.stack([write_d, write_s], dim=-1), transition)
-        rho = _budget_ratio(lr_before, max_lr, scale)
-        rho_last = at_last(rho)
-        kept = rho_last - 1
-        transition = _matrix(
-            [
-                [beta_last, f_last, kept * beta_last, kept * f_last],
-                [zero, m_last, zero, kept * m_last],
-                [zero, zero, rho_last * beta_last, rho_last * f_last],
-                [zero, zero, zero, rho_last * m_last],
-            ]
-        )
-        read = torch.stack([beta, f, (rho - 1) * beta, (rho - 1) * f], dim=-1)
-        write = torch.stack([write_d, write_s, write_d, write_s], dim=-1)
-        return cls(read, gain, write, transition)
-
-
-def _budget_ratio(lr_before: torch.Tensor, max_lr: float, scale: torch.Tensor) -> torch.Tensor:
-    """``n_p / n_i``: how much the chunk's update before a run shrinks by token ``i`` of the run."""
-    return torch.clamp(lr_before / max_lr, min=1.0).unsqueeze(-1) * scale
-
-
-def _matrix(rows: list[list[torch.Tensor]]) -> torch.Tensor:
-    """A (..., s, s) matrix from an s x s nested list of (...) tensors."""
-    return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+            return cls(read, gain, write, transition)
+        # The chunk's earlier update [A; B] evolves like [D; S] and shrinks by n_p / n_i as the budget fills: on
+        # [D; S; A; B], read [r, (rho - 1) r], transition [[T, (rho_L - 1) T], [0, rho_L T]], write [w, w].
+        rho = torch.clamp(lr_before / max_lr, min=1.0).unsqueeze(-1) * scale  # n_p / n_i
+        rho_last = at_last(rho)[..., None, None]
+        read = torch.cat([read, (rho - 1).unsqueeze(-1) * read], dim=-1)
+        top = torch.cat([transition, (rho_last - 1) * transition], dim=-1)
+        bottom = torch.cat([torch.zeros_like(transition), rho_last * transition], dim=-1)
+        return cls(read, gain, torch.cat([write, write], dim=-1), torch.cat([top, bottom], dim=-2))
 
 
 def chunk_forward(
@@ -298,25 +279,28 @@ def chunk_forward(
     keys: torch.Tensor,
     targets: torch.Tensor,
     coefficients: ChunkCoefficients,
-    anchors: list[torch.Tensor] | None = None,
+    anchors: list[torch.Tensor],
 ) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
-    """A run of tokens of one chunk in closed form (DESIGN.md §2): read every token, carry the state past the last.
+    """A run of tokens of one chunk in closed form (docs/design.md §3): read every token, carry the state past the last.
 
     Args:
-        states: the state before the run, per memory layer the stack ``[W0; S0]`` (or ``[W0]`` without momentum)
-            of shape (batch, heads, s, d_in, d_out).
-        gradient_weights: the weights at the chunk's start, where every gradient of the chunk is taken
-            (``states[l][:, :, 0]`` when the run starts the chunk), (batch, heads, d_in, d_out) per layer.
+        states: the state before the run, per memory layer a stack of slots (batch, heads, s, d_in, d_out): ``[D; S]``
+            (the fast weights' deviation from ``W_0`` and the momentum; ``[D]`` without momentum), followed, for a run
+            that continues a chunk, by the chunk's own update ``[A; B]`` (see :class:`ChunkCoefficients`).
+        gradient_weights: the weights at the chunk's start, where every gradient of the chunk is taken,
+            (batch, heads, d_in, d_out) per layer.
         queries, keys: (batch, heads, chunk, head_dim).
         targets: what the memory MLP must map the keys to (see :func:`memory_errors`), (batch, heads, chunk, head_dim).
-        coefficients: the chunk's :class:`ChunkCoefficients`.
+        coefficients: the run's :class:`ChunkCoefficients`.
+        anchors: ``W_0`` per layer, (1, heads, d_in, d_out).
 
     Each layer's per-token gradient is rank one, so the pre-activation of layer ``l`` for query ``i`` is
-    ``beta_i a_i W0 + f_i a_i S0 - 2 sum_j G_ij (a_i . abar_j) delta_j`` (``a``: query-side input of the layer,
-    ``abar, delta``: key-side input and error at ``W0``), and no per-token weight is ever formed.
+    ``a_i W_0 + sum_s read_is a_i state_s + sum_j gain_ij (a_i . abar_j) delta_j`` (``a``: query-side input of the
+    layer, ``abar, delta``: key-side input and error at the chunk's start weights), and no per-token weight is ever
+    formed.
 
     Plain differentiable torch: autograd through it is the reference for :class:`ChunkFunction`'s hand-written
-    backward. Returns the MLP part of the reads (batch, heads, chunk, head_dim), the state after the chunk's last
+    backward. Returns the MLP part of the reads (batch, heads, chunk, head_dim), the state after the run's last
     token, and the intermediates that backward needs.
     """
     c = coefficients
@@ -325,10 +309,8 @@ def chunk_forward(
     a, query_pre = queries, []
     for layer, (state, abar, delta) in enumerate(zip(states, inputs, deltas)):
         scores = (a @ abar.transpose(-1, -2)) * c.gain
-        scaled = (a.unsqueeze(-2) * c.read.unsqueeze(-1)).flatten(-2)  # [beta a | f a]
-        p = _baddbmm(scores @ delta, scaled, state.flatten(-3, -2))
-        if anchors is not None:
-            p = p + a @ anchors[layer]
+        scaled = (a.unsqueeze(-2) * c.read.unsqueeze(-1)).flatten(-2)  # [read_1 a | read_2 a | ...]
+        p = _baddbmm(scores @ delta, scaled, state.flatten(-3, -2)) + a @ anchors[layer]
         if layer < len(states) - 1:
             query_pre.append(p)
             a = F.gelu(p)
@@ -349,14 +331,6 @@ def chunk_forward(
 def _gelu_second_derivative(x: torch.Tensor) -> torch.Tensor:
     """``GELU''(x) = phi(x) (2 - x^2)`` with ``phi`` the standard normal density."""
     return torch.exp(-0.5 * x * x) * (2.0 - x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-
-
-def _sum_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sums ``x`` over the leading dimensions that ``shape`` broadcasts (e.g. the batch of a per-head anchor)."""
-    extra = x.dim() - len(shape)
-    x = x.sum(dim=tuple(range(extra))) if extra else x
-    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return x.sum(dim=dims, keepdim=True) if dims else x
 
 
 def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -422,7 +396,7 @@ class ChunkFunction(torch.autograd.Function):
         d_anchors: list[torch.Tensor | None] = [None] * depth
         d_read = d_gain = d_write = d_transition = d_queries = None
 
-        # Reads: p_l = [read * a_l] @ state_l + (similarity_l * gain) @ delta_l, a_{l+1} = GELU(p_l).
+        # Reads: p_l = [read * a_l] @ state_l + (similarity_l * gain) @ delta_l + a_l @ W_0,l, a_{l+1} = GELU(p_l).
         d_p = grad_reads
         for layer in reversed(range(depth)):
             if d_p is None:
@@ -441,7 +415,7 @@ class ChunkFunction(torch.autograd.Function):
             d_abars[layer] = d_similarity.transpose(-1, -2) @ a
             d_a = _baddbmm((d_scaled * read.unsqueeze(-1)).sum(-2), d_similarity, abars[layer])
             d_a = d_a + d_p @ anchors[layer].transpose(-1, -2)
-            d_anchors[layer] = _sum_to(a.transpose(-1, -2) @ d_p, anchors[layer].shape)
+            d_anchors[layer] = (a.transpose(-1, -2) @ d_p).sum(0, keepdim=True)  # W_0 is shared by the batch
             if layer > 0:
                 d_p = gelu_backward(d_a, query_pre[layer - 1])
             else:
