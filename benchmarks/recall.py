@@ -594,6 +594,8 @@ FULL = dict(
     eval_num=512,
     seeds=[0, 1, 2],
     passkey_seeds=[0],
+    passkey_steps=300,
+    passkey_batch=16,
     mqar_gap=64,
     passkey_gap=64,
     hidden=128,
@@ -608,6 +610,8 @@ QUICK = dict(
     eval_num=32,
     seeds=[0],
     passkey_seeds=[0],
+    passkey_steps=12,
+    passkey_batch=8,
     mqar_gap=32,
     passkey_gap=32,
     hidden=64,
@@ -625,8 +629,10 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(ALL_MODELS))
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the MQAR runs")
     p.add_argument("--passkey-seeds", type=int, nargs="+", default=None, help="seeds of the passkey runs")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="training steps of the MQAR runs")
+    p.add_argument("--batch", type=int, default=None, help="batch size of the MQAR runs")
+    p.add_argument("--passkey-steps", type=int, default=None, help="training steps of the passkey runs")
+    p.add_argument("--passkey-batch", type=int, default=None, help="batch size of the passkey runs")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-num", type=int, default=None, help="evaluation sequences per task")
     p.add_argument("--mqar-gap", type=int, default=None, help="largest distractor span (tokens)")
@@ -691,13 +697,17 @@ def main(argv=None) -> dict:
 
     overrides = parse_assignments(args.memory_init)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    settings = TrainSettings(steps=args.steps, lr=args.lr, log_every=max(1, min(10, args.steps // 10)))
     log(f"# Recall beyond the window ({'quick' if args.quick else 'full'} mode), {today()}")
     log(f"machine: {machine()}")
     log(f"command: python benchmarks/recall.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     results = []
     for task_name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        seeds = args.seeds if task_name == "mqar" else args.passkey_seeds
+        seeds, steps, batch = (
+            (args.seeds, args.steps, args.batch)
+            if task_name == "mqar"
+            else (args.passkey_seeds, args.passkey_steps, args.passkey_batch)
+        )
+        settings = TrainSettings(steps=steps, lr=args.lr, log_every=max(1, min(10, steps // 10)))
         if task_name == "mqar":
             task = MQAR(
                 num_pairs=args.pairs,
@@ -737,7 +747,7 @@ def main(argv=None) -> dict:
             dims,
             settings,
             seeds,
-            args.batch,
+            batch,
             args.eval_num,
             args.sweep,
             args.sweep_num,
@@ -746,7 +756,7 @@ def main(argv=None) -> dict:
             log,
         )
         result["dims"] = dataclasses.asdict(dims)
-        result["train"] = dataclasses.asdict(settings) | {"batch": args.batch, "seeds": seeds}
+        result["train"] = dataclasses.asdict(settings) | {"batch": batch, "seeds": seeds}
         table, sweep_table, verdict = summarize(result)
         result["verdict"] = verdict
         log(f"\n### {task_name}: accuracy (%) by key-query distance, mean ± half-range over seeds {seeds}")
