@@ -134,6 +134,9 @@ def test_auto_classes_and_round_trip(tmp_path):
         "AutoConfig": "configuration_titans.TitansConfig",
         "AutoModel": "modeling_titans.TitansModel",
         "AutoModelForCausalLM": "modeling_titans.TitansForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_titans.TitansForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_titans.TitansForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_titans.TitansForQuestionAnswering",
     }
     files = {p.name for p in tmp_path.iterdir()}
     assert {
@@ -198,6 +201,15 @@ def test_loads_as_remote_code_without_the_package(tmp_path):
         with torch.no_grad():
             logits = model(data["ids"], use_cache=False).logits
         assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
+        # The language model's checkpoint starts a classifier, also as remote code.
+        from transformers import AutoModelForSequenceClassification
+        classifier = AutoModelForSequenceClassification.from_pretrained({str(folder)!r}, trust_remote_code=True, num_labels=3)
+        assert type(classifier).__name__ == "TitansForSequenceClassification"
+        assert type(classifier).__module__.startswith("transformers_modules"), type(classifier).__module__
+        assert torch.equal(classifier.model.embed_tokens.weight, model.model.embed_tokens.weight)
+        with torch.no_grad():
+            assert classifier(data["ids"]).logits.shape == (data["ids"].shape[0], 3)
+        assert "titans_hf" not in sys.modules
         print("remote-ok")
         """
     )

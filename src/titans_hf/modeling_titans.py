@@ -33,7 +33,13 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
@@ -750,12 +756,16 @@ class TitansPreTrainedModel(PreTrainedModel):
     }
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """As in Transformers, plus an ``auto_map`` for all three Auto classes (``AutoConfig``, ``AutoModel``,
-        ``AutoModelForCausalLM``), so that the folder loads with ``trust_remote_code=True`` without the package."""
+        """As in Transformers, plus an ``auto_map`` for every Auto class (``AutoConfig``, ``AutoModel``, the causal LM
+        and the task heads), so that the folder loads with ``trust_remote_code=True`` without the package, as any of
+        them (a language model's checkpoint can start a classifier)."""
         self.config.auto_map = {
             "AutoConfig": "configuration_titans.TitansConfig",
             "AutoModel": "modeling_titans.TitansModel",
             "AutoModelForCausalLM": "modeling_titans.TitansForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_titans.TitansForSequenceClassification",
+            "AutoModelForTokenClassification": "modeling_titans.TitansForTokenClassification",
+            "AutoModelForQuestionAnswering": "modeling_titans.TitansForQuestionAnswering",
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -767,8 +777,9 @@ class TitansPreTrainedModel(PreTrainedModel):
         - The weights must match the configuration: tensors of another shape, tensors the model needs that the
           checkpoint lacks, and tensors of the checkpoint the model has no place for raise a ``ValueError`` naming
           them (Transformers would re-initialise or drop them with a warning). ``ignore_mismatched_sizes=True``
-          re-initialises tensors of another shape as in Transformers; a task head missing from a base-model
-          checkpoint (e.g. an untied ``lm_head``) is initialised as usual.
+          re-initialises tensors of another shape as in Transformers. Task heads are not the base model: a head
+          the checkpoint lacks (e.g. ``score`` when a language model's checkpoint starts a classifier) is
+          initialised as usual, and another task's head in the checkpoint (its ``lm_head``) is left out.
 
         A truncated or corrupt weights file raises a ``ValueError`` naming the checkpoint.
         """
@@ -806,8 +817,10 @@ class TitansPreTrainedModel(PreTrainedModel):
                 "interrupted download or copy?): download or save it again."
             ) from error
 
-        def base(key: str) -> bool:  # a tensor of the base model (not of a task head)
-            return model.base_model is model or key.startswith(f"{cls.base_model_prefix}.")
+        base_names = {name for name, _ in model.base_model.named_children()}
+
+        def base(key: str) -> bool:  # a tensor of the base model, with or without its prefix (not of a task head)
+            return key.removeprefix(f"{cls.base_model_prefix}.").split(".")[0] in base_names
 
         def listing(keys: list[str]) -> str:
             keys = sorted(keys)
@@ -815,7 +828,7 @@ class TitansPreTrainedModel(PreTrainedModel):
 
         mismatched = [] if ignore_mismatched_sizes else sorted(info["mismatched_keys"])
         missing = [k for k in info["missing_keys"] if base(k)]
-        unexpected = list(info["unexpected_keys"])
+        unexpected = [k for k in info["unexpected_keys"] if base(k)]  # another task's head (lm_head, score) is dropped
         if mismatched or missing or unexpected:
             problems = []
             if mismatched:
@@ -1070,4 +1083,191 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["TitansForCausalLM", "TitansModel", "TitansPreTrainedModel"]
+# --------------------------------------------------------------------------------------------------------------------
+# Task heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def last_real_token(
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    pad_token_id: int | None,
+    batch_size: int,
+    seq_len: int,
+) -> torch.Tensor:
+    """Index of each row's last real token among the ``seq_len`` new positions (left or right padding).
+
+    From ``attention_mask`` when given (its last ``seq_len`` columns: with a cache it may cover the past tokens too),
+    else from the tokens that differ from ``pad_token_id``, else the last position (one row only: with several rows
+    and neither, padding cannot be told apart). A row with no real token gives 0."""
+    if attention_mask is not None:
+        real = attention_mask[:, -seq_len:].bool()
+    elif input_ids is not None and pad_token_id is not None:
+        real = input_ids != pad_token_id
+    elif batch_size == 1:
+        return torch.full((1,), seq_len - 1, dtype=torch.long)
+    else:
+        raise ValueError(
+            f"Cannot find the last real token of {batch_size} rows without an attention_mask (or input_ids and a "
+            "config.pad_token_id): pass the tokenizer's attention_mask."
+        )
+    positions = torch.arange(seq_len, device=real.device)
+    return (positions * real).argmax(-1)
+
+
+class TitansForSequenceClassification(TitansPreTrainedModel):
+    """Titans with a linear head on each row's last real token (the usual decoder classifier, as in Llama)."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = TitansModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        labels: (batch,) class ids (cross-entropy), or floats for `config.problem_type="regression"` /
+            `"multi_label_classification"`, as in Transformers' other sequence classifiers.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch_size, seq_len = logits.shape[:2]
+        last = last_real_token(input_ids, attention_mask, self.config.pad_token_id, batch_size, seq_len)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last.to(logits.device)]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class TitansForTokenClassification(TitansPreTrainedModel):
+    """Titans with a linear head on every token (dropout ``config.classifier_dropout``, 0.1 if unset)."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = TitansModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        r"""
+        labels: (batch, seq) class ids, -100 to ignore (e.g. padding).
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class TitansForQuestionAnswering(TitansPreTrainedModel):
+    """Titans with a span head (start and end logits per token), for extractive question answering."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config)
+        self.model = TitansModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput:
+        r"""
+        start_positions, end_positions: (batch,) token indices of the answer span.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)
+        start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "TitansForCausalLM",
+    "TitansForQuestionAnswering",
+    "TitansForSequenceClassification",
+    "TitansForTokenClassification",
+    "TitansModel",
+    "TitansPreTrainedModel",
+]
