@@ -5,8 +5,9 @@ Written independently of the chunked closed form: it shares only the module's pa
 chunk-start weights (paper §3.2) and the chunk's learning-rate budget (README, "the write rule"):
 
     u_t   = grad_W ||M_{W_chunk_start}(k_t) - v_t||^2             (torch.autograd.grad)
+    k_t   = max(1, |u_t|^2 / (4 |M_{W_chunk_start}(k_t) - v_t|^2))  (the step curvature, |.| over all layers)
     n_t   = max(1, (theta_{c+1} + ... + theta_t) / max_lr)         (c: the last chunk boundary)
-    own:   Sh_t = eta_t Sh_{t-1} - (1 - eta_t) theta_t u_t          Dh_t = r_t Dh_{t-1} + Sh_t       (zero at c)
+    own:   Sh_t = eta_t Sh_{t-1} - (1 - eta_t) theta_t u_t / k_t    Dh_t = r_t Dh_{t-1} + Sh_t       (zero at c)
     rest:  So_t = eta_t So_{t-1}                                    Do_t = r_t Do_{t-1} + So_t       (the state at c)
     S_t   = So_t + Sh_t / n_t       W_t = W_0 + Do_t + Dh_t / n_t    y_t = M_{W_t}(q_t)
 
@@ -81,12 +82,14 @@ def reference_forward(memory, x: torch.Tensor, write: bool = True) -> torch.Tens
         if write:
             with torch.enable_grad():
                 leaves = [w.clone().requires_grad_(True) for w in chunk_start]
-                loss = (mlp(leaves, k[t], memory.residual) - v[t]).pow(2).sum()
-                grads = torch.autograd.grad(loss, leaves)
+                error = mlp(leaves, k[t], memory.residual) - v[t]  # (heads, dim)
+                grads = torch.autograd.grad(error.pow(2).sum(), leaves)
+            squared = sum(g.pow(2).flatten(1).sum(-1) for g in grads)  # per head, over every layer
+            curvature = torch.clamp(squared / (4 * error.pow(2).sum(-1)), min=1.0)
             lr_sum = lr_sum + theta[t]
             n = torch.clamp(lr_sum / memory.max_lr, min=1.0)
             for i, g in enumerate(grads):
-                own_s[i] = eta[t][h] * own_s[i] - ((1 - eta[t]) * theta[t])[h] * g
+                own_s[i] = eta[t][h] * own_s[i] - ((1 - eta[t]) * theta[t] / curvature)[h] * g
                 own_d[i] = retain[t][h] * own_d[i] + own_s[i]
                 rest_s[i] = eta[t][h] * rest_s[i]
                 rest_d[i] = retain[t][h] * rest_d[i] + rest_s[i]

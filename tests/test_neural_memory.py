@@ -453,8 +453,9 @@ def test_weight_safeguard_matches_the_twin_when_it_acts():
 
 def test_weight_safeguard_keeps_a_diverging_memory_finite_and_bounded():
     torch.manual_seed(0)
-    # A budget of 2 lets a chunk of keys that share their direction overshoot (stable needs max_lr <= 1).
-    kwargs = dict(hidden_size=64, num_heads=2, head_dim=32, chunk_size=64, max_lr=2.0, init_lr_fraction=0.9)
+    # A budget of 8 lets a chunk of keys that share their direction overshoot (stable needs max_lr <= 1); the step
+    # curvature keeps the overshoot from growing exponentially, but it leaves the safeguard's range.
+    kwargs = dict(hidden_size=64, num_heads=2, head_dim=32, chunk_size=64, max_lr=8.0, init_lr_fraction=0.9)
     x = correlated_inputs(2048, 64, dtype=torch.float32)
     free = NeuralMemory(**kwargs, max_weight_rms=None)
     guarded = NeuralMemory(**kwargs)
@@ -463,7 +464,7 @@ def test_weight_safeguard_keeps_a_diverging_memory_finite_and_bounded():
         _, free_state = free(x)
         out, state = guarded(x)
     free_rms = weight_rms(free_state, free)
-    assert not torch.isfinite(free_rms) or free_rms > 1e3  # diverges without it
+    assert not torch.isfinite(free_rms) or free_rms > 2.0  # out of range without it
     assert torch.isfinite(out).all()
     assert weight_rms(state, guarded) <= 1.0 + 1e-6
 

@@ -247,15 +247,15 @@ def test_stream_one_million_tokens(variant, dtype, text):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_weight_safeguard_bounds_the_most_aggressive_gates(variant):
-    """Gates at the edge of what training can reach, with a learning-rate budget 4x the stable one, make the inner
-    optimisation diverge: without the safeguard the stream goes non-finite within two blocks (so this check can fail);
-    with it every output and state stays finite, and the fast weights and momentum at every chunk boundary stay
-    within the bound (inside a chunk they move by the chunk's update, see docs/reliability.md)."""
-    free = stress_gates(stream_model(variant, memory_max_weight_rms=None, memory_max_lr=4.0))
+    """Gates at the edge of what training can reach, with a learning-rate budget 16x the stable one, make the inner
+    optimisation overshoot: without the safeguard the fast weights leave its range within two blocks (so this check
+    can fail); with it every output and state stays finite, and the fast weights and momentum at every chunk boundary
+    stay within the bound (inside a chunk they move by the chunk's update, see docs/reliability.md)."""
+    free = stress_gates(stream_model(variant, memory_max_weight_rms=None, memory_max_lr=16.0))
     stats = stream(free, 2 * BLOCK)
-    assert not stats["finite"] or stats["max_deviation_rms"] > 1e3
+    assert not stats["finite"] or stats["max_deviation_rms"] > 5.0  # 5x the default bound
 
-    guarded = stress_gates(stream_model(variant, memory_max_lr=4.0))
+    guarded = stress_gates(stream_model(variant, memory_max_lr=16.0))
     bound = guarded.config.memory_max_weight_rms
     stats = stream(guarded, 4 * BLOCK)
     assert stats["finite"], f"non-finite after {stats['stopped_at']} tokens"
@@ -263,7 +263,7 @@ def test_weight_safeguard_bounds_the_most_aggressive_gates(variant):
     assert stats["bytes_start"] == stats["bytes_end"]
 
     # On a chunk boundary (a block that ends on one), the momentum is bounded too.
-    model = stress_gates(stream_model(variant, memory_max_lr=4.0))
+    model = stress_gates(stream_model(variant, memory_max_lr=16.0))
     cache = TitansCache(model.config)
     with torch.no_grad():
         for ids in token_blocks(3 * 640, 640, 64, seed=1):  # 640 = 10 chunks = 5 segments

@@ -186,12 +186,27 @@ def memory_errors(
     return inputs, pre_activations, errors[::-1], deltas[::-1]
 
 
+def step_curvature(inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> torch.Tensor:
+    """How far a token's own gradient step moves its own read along its error, per unit of learning rate (the
+    normalised-LMS denominator, for any depth): with ``u = delta_last`` the error of the read,
+
+        kappa = max(1, sum_l |abar_l|^2 |delta_l|^2 / |u|^2)
+
+    (``sum_l |abar_l|^2 |delta_l|^2`` is the squared norm of the token's gradient over all layers, over 4). A step
+    ``theta / kappa`` changes ``M(k)`` along ``u`` by at most ``2 theta |u|`` (linearised) however large the memory's
+    weights have grown; for a depth-1 memory with unit keys ``kappa = 1``. Differentiable (the outer gradient is
+    exact); it depends on the error's direction only. Shape: the tokens' (..., C)."""
+    error = deltas[-1].pow(2).sum(-1)
+    total = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in zip(inputs, deltas))
+    return (total / error.clamp(min=torch.finfo(error.dtype).tiny)).clamp(min=1.0)
+
+
 @dataclass
 class ChunkCoefficients:
     """The scalars of the closed form for one run of tokens inside a chunk (leading dims: batch, heads).
 
     Notation (per head, local to the run): ``r = 1 - alpha``, ``beta_i = prod_{l<=i} r_l``, ``m_i = prod_{l<=i} eta_l``,
-    ``f_i = sum_{l<=i} (beta_i/beta_l) m_l``, the write step ``g_j = (1 - eta_j) theta_j`` and the budget scale
+    ``f_i = sum_{l<=i} (beta_i/beta_l) m_l``, the write step ``g_j = (1 - eta_j) theta_j / kappa_j`` and the budget scale
     ``n_i = max(1, (lr_before + sum_{l<=i} theta_l) / max_lr)``. With ``u_j = abar_j^T delta_j`` (half the loss gradient
     of token ``j`` at the chunk's start weights), the chunk's own update at token ``i`` is
     ``-(2 / n_i) sum_j G_ij u_j`` with ``G_ij = g_j sum_{l=j..i} (beta_i/beta_l)(m_l/m_j)`` (``j <= i``).
@@ -221,8 +236,12 @@ class ChunkCoefficients:
         max_lr: float,
         last: torch.Tensor | None = None,
         lr_before: torch.Tensor | None = None,
+        curvature: torch.Tensor | None = None,
     ) -> ChunkCoefficients:
         """From per-token gates ``theta``, ``log eta``, ``log r`` (..., C), as exp of segment sums of logs.
+
+        ``curvature`` (..., C): each token's :func:`step_curvature` ``kappa``; its step is ``theta / kappa`` (default
+        1), while the budget ``n`` counts ``theta``.
 
         ``last`` (shape ``lr.shape[:-1]``, int64) is the token after which the state is carried (default: the last
         slot): slots after it must not move the state (with momentum, ``D_t = r D_{t-1} + S_t`` moves ``D`` even
@@ -235,6 +254,7 @@ class ChunkCoefficients:
         beta = torch.exp(torch.cumsum(log_retention, dim=-1))
         before = 0.0 if lr_before is None else lr_before.unsqueeze(-1)
         scale = 1.0 / torch.clamp((before + torch.cumsum(lr, dim=-1)) / max_lr, min=1.0)  # 1 / n_i
+        theta = lr if curvature is None else lr / curvature  # the write step of each token
 
         def at_last(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
             if last is None:
@@ -244,11 +264,11 @@ class ChunkCoefficients:
             return x.gather(-1, last.unsqueeze(-1)).squeeze(-1)
 
         if log_momentum is None:
-            gain = retention_decay * (-2.0 * lr).unsqueeze(-2) * scale.unsqueeze(-1)
+            gain = retention_decay * (-2.0 * theta).unsqueeze(-2) * scale.unsqueeze(-1)
             read, write = beta.unsqueeze(-1), at_last(gain, rows=True).unsqueeze(-1)
             transition = at_last(beta)[..., None, None]
         else:
-            step = 2.0 * lr * torch.expm1(log_momentum)  # -2 g_j = -2 (1 - eta_j) theta_j
+            step = 2.0 * theta * torch.expm1(log_momentum)  # -2 g_j = -2 (1 - eta_j) theta_j / kappa_j
             momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
             m = torch.exp(torch.cumsum(log_momentum, dim=-1))
             gain = (retention_decay @ momentum_decay) * step.unsqueeze(-2) * scale.unsqueeze(-1)
@@ -1038,11 +1058,12 @@ class NeuralMemory(nn.Module):
             last = (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
             # A piece that continues a chunk (the head) or stops inside one also carries the chunk's own update.
             continuing = n == 0 and head > 0 or bool((active & ~done).any())
+            kappa = step_curvature(*memory_errors(boundary, k_n, t_n)[::3])
             if continuing:
-                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, lr_sum)
+                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, lr_sum, kappa)
                 stacked = [torch.cat([r, u], dim=2) for r, u in zip(running, update)]
             else:
-                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last)
+                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, curvature=kappa)
                 stacked = running
             y, carried = chunk_update(stacked, boundary, q_n, k_n, t_n, c_n, anchors)
             reads.append(y)
@@ -1096,13 +1117,14 @@ class NeuralMemory(nn.Module):
         log_retention: torch.Tensor,
     ) -> tuple[torch.Tensor, NeuralMemoryState]:
         """One real token per sequence (decoding) as the plain recurrence the closed form sums: the gradient at the
-        chunk's start weights, the budget scale ``n`` of the chunk so far, then the read ``M_W(q)``; on a chunk
+        chunk's start weights, its step curvature ``kappa``, the budget scale ``n`` of the chunk so far, then the read
+        ``M_W(q)``; on a chunk
         boundary the chunk's update joins the state, the safeguard bounds ``[D; S]`` and the next chunk takes its
         gradients there. With ``D = W - W_0`` split into the chunk's own update ``A`` (and ``B`` of ``S``) and the
         rest, and ``rho = n_before / n``:
 
-            B = rho eta B - 2 (1 - eta) theta u / n       S = eta (S - B_before) + B
-            A = rho r A + B                               D = r (D - A_before) + eta (S - B_before) + A
+            B = rho eta B - 2 (1 - eta) theta u / (kappa n)       S = eta (S - B_before) + B
+            A = rho r A + B                                       D = r (D - A_before) + eta (S - B_before) + A
 
         The same arithmetic as :func:`chunk_forward` on a run of one token; cached decoding is tested against the
         full (chunked) pass for every variant.
@@ -1115,7 +1137,7 @@ class NeuralMemory(nn.Module):
         rho = (torch.clamp(state.chunk_lr / self.max_lr, min=1.0) * scale)[..., None, None]
         retention = torch.exp(log_retention)[..., None]  # (batch, heads, 1, 1)
         momentum = None if log_momentum is None else torch.exp(log_momentum)[..., None]
-        step = -2.0 * theta * scale
+        step = -2.0 * theta * scale / step_curvature(inputs, deltas)[..., 0]
         if momentum is not None:
             step = step * (1.0 - momentum[..., 0, 0])
         anchors = self._anchors(q.dtype)
