@@ -25,6 +25,8 @@ def text_arguments(script: str) -> list[str]:
     text = str(SHIPPED)
     if script == "recall.py":
         return ["--haystack", text, "--eval-haystack", text]
+    if script.endswith("train_stability.py"):
+        return ["--train", text]
     return ["--train", text, "--validation", text]
 
 
@@ -90,3 +92,21 @@ def test_write_rule_quick(tmp_path):
     assert "| mag | 1 |" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(row["text_d16"]["finite"] for row in rows)  # the default budget is stable on real text
+
+
+def test_train_stability_runs(tmp_path):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    script = str(REPO / "benchmarks" / "train_stability.py")
+    for ablation in ([], ["--no-curvature"]):
+        proc = subprocess.run(
+            [sys.executable, script, "--steps", "2", "--out", str(tmp_path), *ablation, *text_arguments(script)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=REPO,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "max_read_rms" in proc.stdout
+    for name in ("train_stability.json", "train_stability_no_curvature.json"):
+        assert json.loads((tmp_path / name).read_text())["summary"]["steps"] == 2

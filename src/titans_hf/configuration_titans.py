@@ -54,12 +54,12 @@ class TitansConfig(PreTrainedConfig):
     memory_forget (`bool`, defaults to `True`): the data-dependent forgetting gate (eq. 13).
     memory_max_lr (`float`, defaults to 1.0): the inner learning rate's bound and the chunk's budget. Each token's
         `theta` lies in (0, `memory_max_lr`) (half of it at initialisation), and within a chunk the learning rates
-        of the tokens so far are scaled down to sum to at most `memory_max_lr` (README, "the write rule"). 1.0 is
-        stable for fresh models on real text at memory head widths 16 to 64; 2 and above can diverge.
+        of the tokens so far are scaled down to sum to at most `memory_max_lr`, and each token's step is divided by
+        its step curvature (README, "the write rule"). Above 1, a chunk of similar keys overshoots its targets.
     memory_max_weight_rms (`float`, *optional*, defaults to 1.0): safeguard; at every chunk boundary the memory's
         fast weights' deviation from their learned initial value `W_0`, and its momentum, are scaled down to this
-        root-mean-square value if they exceed it (`None`: off). It does nothing in the normal range and keeps a
-        diverging inner optimisation (e.g. a `memory_max_lr` above 1) finite.
+        root-mean-square value if they exceed it (`None`: off). It does nothing in the normal range and bounds an
+        overshooting inner optimisation (e.g. a `memory_max_lr` far above 1).
 
     ```python
     >>> from titans_hf import TitansConfig, TitansForCausalLM

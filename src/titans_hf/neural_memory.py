@@ -675,11 +675,13 @@ class NeuralMemory(nn.Module):
         conv_kernel: width of the causal depthwise convolution on q, k, v (0 or 1: none).
         momentum: use the momentum ("surprise") term ``S`` (eq. 14); without it ``S_t = -theta_t grad``.
         forget: use the data-dependent forgetting gate ``alpha`` (eq. 13); without it nothing is forgotten.
-        max_lr: upper bound of the inner learning rate ``theta = max_lr * sigmoid(.)``.
-        max_weight_rms: safeguard: at every chunk boundary, each head's fast weights and momentum of each memory layer
-            are scaled down to this root-mean-square value if they exceed it (``None``: off). Far above the normal
-            range (initial weights have RMS ``1/sqrt(d_in)``), it only acts when the inner optimisation diverges
-            (too large a learning rate for the chunk size and the data), keeping the memory finite and bounded.
+        max_lr: upper bound of the inner learning rate ``theta = max_lr * sigmoid(.)`` and the chunk's budget: the
+            learning rates of a chunk's tokens so far are scaled down to sum to at most ``max_lr``; each token's step
+            is further divided by its :func:`step_curvature` (README, "The write rule").
+        max_weight_rms: safeguard: at every chunk boundary, each head's deviation of the fast weights from ``W_0``
+            and its momentum, per memory layer, are scaled down to this root-mean-square value if they exceed it
+            (``None``: off). Far above the normal range, it only acts when the inner optimisation overshoots (a
+            budget far above the stable one, adversarial input), keeping the memory finite and bounded.
         retention_half_lives: at initialisation, the heads' retention ``1 - alpha`` is set (through the gate bias) so
             that a write fades to half after these many tokens, spread geometrically from the first value (head 0)
             to the second (the last head): several time scales, among which the data-dependent gate chooses.
