@@ -55,7 +55,8 @@ class TitansConfig(PreTrainedConfig):
     memory_max_lr (`float`, defaults to 1.0): the inner learning rate's bound and the chunk's budget. Each token's
         `theta` lies in (0, `memory_max_lr`) (half of it at initialisation), and within a chunk the learning rates
         of the tokens so far are scaled down to sum to at most `memory_max_lr`, and each token's step is divided by
-        its step curvature (README, "the write rule"). Above 1, a chunk of similar keys overshoots its targets.
+        its step curvature (README, "the write rule"). Larger budgets write harder; far above 1 a chunk of similar
+        keys overshoots its targets (the safeguard then bounds the memory).
     memory_max_weight_rms (`float`, *optional*, defaults to 1.0): safeguard; at every chunk boundary the memory's
         fast weights' deviation from their learned initial value `W_0`, and its momentum, are scaled down to this
         root-mean-square value if they exceed it (`None`: off). It does nothing in the normal range and bounds an
