@@ -81,6 +81,7 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(lives))
     for depth in args.depths:
         for chunk in args.chunks:
+            torch.manual_seed(0)  # the initial weights W_0: the same for every run
             memory = build(args.dim, args.heads, depth, chunk, args.max_lr)
             for gap in args.gaps:
                 cells = recall(memory, gap, args.pairs, args.trials)
