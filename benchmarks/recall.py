@@ -16,8 +16,8 @@ Every training batch draws its gap ``D`` uniformly in ``[0, max_gap]``; evaluati
 distance bin. A stack of ``L`` sliding-window layers of window ``W`` reaches ``L * (W - 1)`` tokens back, so bins
 beyond that are out of reach for attention alone; the "beyond" column averages them.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/recall.py --tasks mqar   # full mode, MQAR: about 35 min on 2 idle cores
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/recall.py                # both tasks: about 2 hours (passkey ~1.5 h)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/recall.py --tasks mqar   # full mode, MQAR, 3 seeds: 92 min on 2 shared cores
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/recall.py                # both tasks (passkey: 1 seed, 300 steps, ~20 min more)
     python benchmarks/recall.py --quick                            # smoke run (< 1 minute), prints the tables
 
 Writes ``results/recall.json`` and ``results/recall.png`` (``--out`` to change the folder).
