@@ -20,8 +20,12 @@ from titans_hf import TitansCache
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
 EXAMPLES = int(os.environ.get("TITANS_FUZZ_EXAMPLES", "25"))
+# Derandomized: the default suite (and CI) draws the same examples every run; TITANS_FUZZ_EXAMPLES draws more.
 FUZZ = settings(
-    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
 
@@ -117,7 +121,8 @@ def test_random_configurations_build_run_and_decode_exactly(config, spec):
             start = end
         split = torch.cat(parts, dim=1)
         real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        torch.testing.assert_close(split[real], full[real], atol=1e-10, rtol=0)
+        # float64; relative too: a budget far above the stable one (4, no safeguard) amplifies rounding.
+        torch.testing.assert_close(split[real], full[real], atol=1e-10, rtol=1e-9)
         assert cache.get_seq_length() == spec["length"]
         assert cache.seen.tolist() == real.sum(dim=1).tolist()
 
@@ -125,4 +130,4 @@ def test_random_configurations_build_run_and_decode_exactly(config, spec):
         for b in range(spec["batch"]):
             if real[b].any():
                 alone = model(input_ids=ids[b : b + 1, real[b]]).logits[0]
-                torch.testing.assert_close(full[b, real[b]], alone, atol=1e-10, rtol=0)
+                torch.testing.assert_close(full[b, real[b]], alone, atol=1e-10, rtol=1e-9)

@@ -135,8 +135,8 @@ def test_trainer_fine_tunes_a_sequence_classifier(tmp_path):
     """Trainer with a padded, collated dataset: the classifier learns a rule that needs the whole sequence (does
     token 7 occur?), from a language model's base weights."""
     from datasets import Dataset
-    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast, Trainer, TrainingArguments
     from tokenizers import Tokenizer, models
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
     vocab = {f"t{i}": i for i in range(64)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")))

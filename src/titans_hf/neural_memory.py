@@ -1120,9 +1120,8 @@ class NeuralMemory(nn.Module):
     ) -> tuple[torch.Tensor, NeuralMemoryState]:
         """One real token per sequence (decoding) as the plain recurrence the closed form sums: the gradient at the
         chunk's start weights, its step curvature ``kappa``, the budget scale ``n`` of the chunk so far, then the read
-        ``M_W(q)``; on a chunk
-        boundary the chunk's update joins the state, the safeguard bounds ``[D; S]`` and the next chunk takes its
-        gradients there. With ``D = W - W_0`` split into the chunk's own update ``A`` (and ``B`` of ``S``) and the
+        ``M_W(q)``; on a chunk boundary the chunk's update joins the state, the safeguard bounds ``[D; S]`` and the
+        next chunk takes its gradients there. With ``D = W - W_0`` split into the chunk's own update ``A`` (and ``B`` of ``S``) and the
         rest, and ``rho = n_before / n``:
 
             B = rho eta B - 2 (1 - eta) theta u / (kappa n)       S = eta (S - B_before) + B
