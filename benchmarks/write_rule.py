@@ -33,31 +33,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from test_reliability import BLOCK, stream, stream_model, text_blocks  # noqa: E402
-
-from titans_hf import TitansConfig, TitansForCausalLM  # noqa: E402
+from test_reliability import BLOCK, stream, stream_model, text_blocks, text_model  # noqa: E402
 
 SHARED_TEXT = HERE.parents[1] / "shared" / "data" / "tinyshakespeare.txt"
 SHIPPED_TEXT = HERE.parent / "examples" / "data" / "tinyshakespeare.txt"
-
-
-def text_model(variant: str, head_dim: int, max_lr: float) -> TitansForCausalLM:
-    torch.manual_seed(0)
-    config = TitansConfig(
-        variant=variant,
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        memory_num_heads=128 // head_dim,
-        memory_head_dim=head_dim,
-        memory_max_lr=max_lr,
-        memory_max_weight_rms=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return TitansForCausalLM(config).eval()
 
 
 def cell(stats: dict) -> str:
@@ -96,7 +75,14 @@ def main() -> None:
         for budget in budgets:
             cells, record = [], {"variant": variant, "memory_max_lr": budget}
             for d in args.head_dims:
-                stats = stream(text_model(variant, d, budget), text_tokens, blocks=text_blocks(args.text, text_tokens))
+                model = text_model(
+                    variant,
+                    memory_num_heads=128 // d,
+                    memory_head_dim=d,
+                    memory_max_lr=budget,
+                    memory_max_weight_rms=None,
+                )
+                stats = stream(model, text_tokens, blocks=text_blocks(args.text, text_tokens))
                 record[f"text_d{d}"] = {k: stats[k] for k in ("finite", "stopped_at", "max_deviation_rms")}
                 cells.append(cell(stats))
             model = stream_model(variant, memory_max_lr=budget, memory_max_weight_rms=None)

@@ -44,18 +44,22 @@ def stream_model(variant: str, dtype: torch.dtype = torch.float32, seed: int = 0
     return TitansForCausalLM(stream_config(variant, **overrides)).to(dtype).eval()
 
 
-def text_model(variant: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> TitansForCausalLM:
-    """A fresh byte-level model with every memory setting at its default (2 layers of width 128, 4 heads)."""
+def text_model(variant: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> TitansForCausalLM:
+    """A fresh byte-level model with every memory setting at its default (2 layers of width 128, 4 heads), or as
+    ``overrides`` (other ``TitansConfig`` fields) say."""
     torch.manual_seed(seed)
     config = TitansConfig(
-        variant=variant,
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        bos_token_id=None,
-        eos_token_id=None,
+        **{
+            "variant": variant,
+            "vocab_size": 256,
+            "hidden_size": 128,
+            "intermediate_size": 384,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "bos_token_id": None,
+            "eos_token_id": None,
+        }
+        | overrides
     )
     return TitansForCausalLM(config).to(dtype).eval()
 
