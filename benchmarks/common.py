@@ -114,7 +114,7 @@ class Dims:
     num_attention_heads: int = 4
     intermediate_size: int = 128
     window: int = 32
-    max_position_embeddings: int = 4096
+    context_length: int = 4096  # Titans' training_context_length, the baselines' max_position_embeddings
     memory_chunk_size: int = 16
     memory_depth: int = 2
     memory_expansion: int = 4
@@ -134,7 +134,6 @@ def model_config(kind: str, dims: Dims, intermediate_size: int):
         num_hidden_layers=dims.num_hidden_layers,
         num_attention_heads=dims.num_attention_heads,
         num_key_value_heads=dims.num_attention_heads,
-        max_position_embeddings=dims.max_position_embeddings,
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=None,
@@ -151,13 +150,14 @@ def model_config(kind: str, dims: Dims, intermediate_size: int):
             memory_expansion=dims.memory_expansion,
             memory_num_heads=dims.memory_num_heads,
             **({} if dims.memory_max_lr is None else {"memory_max_lr": dims.memory_max_lr}),
+            training_context_length=dims.context_length,
             **dims.titans_config,
             **common,
         )
     if kind == "mistral":
-        return MistralConfig(sliding_window=dims.window, **common)
+        return MistralConfig(sliding_window=dims.window, max_position_embeddings=dims.context_length, **common)
     if kind == "llama":
-        return LlamaConfig(**common)
+        return LlamaConfig(max_position_embeddings=dims.context_length, **common)
     raise ValueError(f"unknown model {kind!r}; choose from {ALL_MODELS}")
 
 

@@ -73,7 +73,7 @@ def main() -> None:
         num_attention_heads=4,
         intermediate_size=FULL["intermediate"],
         window=FULL["window"],
-        max_position_embeddings=FULL["seq_len"],
+        context_length=FULL["seq_len"],
         memory_chunk_size=FULL["chunk"],
         memory_num_heads=FULL["memory_heads"],
         reference="mag",

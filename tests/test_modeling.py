@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from tiny import VARIANTS, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.testing_utils import CaptureLogger
 
 from titans_hf import NeuralMemory, TitansConfig, TitansForCausalLM, TitansModel
 
@@ -272,11 +274,28 @@ def test_a_tiny_model_learns(variant):
         (dict(num_persistent_tokens=-1), "num_persistent_tokens"),
         (dict(memory_max_lr=0.0), "memory_max_lr"),
         (dict(attention_dropout=1.5), "attention_dropout"),
+        (dict(training_context_length=0), "training_context_length must be an integer >= 1"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_type'\\] must be 'default'"),
     ],
 )
 def test_invalid_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**overrides)
+
+
+def test_no_length_limit_is_advertised(tmp_path):
+    """The config has no max_position_embeddings (what generate() and harnesses cap to); the legacy field of older
+    checkpoints is read as the training length, and generate() runs past it without a length warning."""
+    config = tiny_config(max_position_embeddings=24)
+    assert config.training_context_length == 24 and not hasattr(config, "max_position_embeddings")
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["training_context_length"] == 24 and "max_position_embeddings" not in saved
+    model = TitansForCausalLM(config).eval()
+    logger = transformers.logging.get_logger("transformers.generation.stopping_criteria")
+    with CaptureLogger(logger) as captured:
+        out = model.generate(ids(batch=1, length=20), max_new_tokens=12, do_sample=False)
+    assert out.shape[1] == 32 and "maximum length" not in captured.out
 
 
 def test_invalid_inputs():

@@ -17,10 +17,18 @@ class TitansConfig(PreTrainedConfig):
     long-term memory, composed with attention as one of the paper's four variants.
 
     Standard fields follow Llama (`vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`,
-    `num_attention_heads`, `num_key_value_heads`, `head_dim`, `max_position_embeddings`, `rope_parameters`,
-    `rms_norm_eps`, `initializer_range`, `tie_word_embeddings`, `pad/bos/eos_token_id`, `use_cache`,
-    `attention_dropout`). `max_position_embeddings` is the training context of the presets: the model itself has
-    no length limit (relative RoPE, windowed attention, recurrent memory).
+    `num_attention_heads`, `num_key_value_heads`, `head_dim`, `rope_parameters`, `rms_norm_eps`,
+    `initializer_range`, `tie_word_embeddings`, `pad/bos/eos_token_id`, `use_cache`, `attention_dropout`).
+
+    There is deliberately no `max_position_embeddings`: the model has no length limit (relative RoPE inside a
+    bounded window or segment, a recurrent memory), and Transformers' `generate()` and evaluation harnesses read that
+    field as one (they cap or truncate to it, and warn past it). Like Transformers' Mamba, the config leaves it out;
+    the length the weights were trained at is recorded as `training_context_length`. A `max_position_embeddings`
+    passed in (older checkpoints, Llama habits) is read as `training_context_length`.
+
+    training_context_length (`int`, defaults to 4096):
+        Tokens per training sequence the weights were (or are to be) trained at: a record, not a limit. The example
+        scripts train at it by default (`--block_size`) and write the block size they used.
 
     Titans fields:
 
@@ -80,7 +88,7 @@ class TitansConfig(PreTrainedConfig):
     num_attention_heads: int = 16
     num_key_value_heads: int | None = None
     head_dim: int | None = None
-    max_position_embeddings: int = 4096
+    training_context_length: int = 4096
     rope_parameters: RopeParameters | dict | None = None
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
@@ -109,6 +117,9 @@ class TitansConfig(PreTrainedConfig):
     memory_max_weight_rms: float | int | None = 1.0
 
     def __post_init__(self, **kwargs):
+        legacy_length = kwargs.pop("max_position_embeddings", None)
+        if legacy_length is not None:
+            self.training_context_length = legacy_length
         if isinstance(self.variant, str):
             self.variant = self.variant.lower()
         if self.num_key_value_heads is None:
@@ -140,7 +151,7 @@ class TitansConfig(PreTrainedConfig):
             "num_attention_heads",
             "num_key_value_heads",
             "head_dim",
-            "max_position_embeddings",
+            "training_context_length",
             "segment_size",
             "sliding_window",
             "memory_depth",
@@ -155,6 +166,11 @@ class TitansConfig(PreTrainedConfig):
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})."
+            )
+        if self.rope_parameters.get("rope_type", "default") != "default":
+            raise ValueError(
+                "rope_parameters['rope_type'] must be 'default': attention only ever sees distances inside its window "
+                f"or segment, so no RoPE scaling is needed at any length; got {self.rope_parameters!r}."
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")

@@ -40,7 +40,6 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -71,18 +70,14 @@ class TitansRMSNorm(nn.Module):
 
 
 class TitansRotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoPE) for the attention queries and keys, at per-sequence positions."""
+    """Rotary position embedding (RoPE) for the attention queries and keys, at per-sequence positions. Unscaled at
+    every length: attention only sees distances inside its window or segment."""
 
     def __init__(self, config: TitansConfig):
         super().__init__()
         self.config = config
-        self.max_seq_len_cached = config.max_position_embeddings
-        self.original_max_seq_len = config.max_position_embeddings
-        self.rope_type = config.rope_parameters["rope_type"]
-        rope_init_fn = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.rope_type = "default"  # what `PreTrainedModel._init_weights` recomputes the buffers with
+        inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
@@ -96,7 +91,6 @@ class TitansRotaryEmbedding(nn.Module):
         return inv_freq, 1.0
 
     @torch.no_grad()
-    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin`` of shape (batch, seq, head_dim) for ``position_ids`` (batch, seq)."""
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
