@@ -1226,7 +1226,8 @@ class NeuralMemory(nn.Module):
             conv_weight = self.conv_weight[:inner]
             if conv_tail is None:
                 conv_tail = x.new_zeros(batch, self.conv_kernel - 1, inner)
-        queries, new_tail = self.causal_conv(F.linear(x, self.qkv_proj.weight[:inner]), conv_tail, conv_weight, counts)
+        # Through the module, not its weight: adapters (PEFT's LoRA) and hooks on `qkv_proj` must see every call.
+        queries, new_tail = self.causal_conv(self.qkv_proj(x)[..., :inner], conv_tail, conv_weight, counts)
         queries = queries.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2).to(dtype)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             reads = memory_mlp([w.to(dtype) for w in weights], F.normalize(queries, dim=-1), self.residual)
