@@ -57,6 +57,8 @@ DEFAULT_TRAIN_FILE = EXAMPLES_DIR / "data" / "tinyshakespeare.txt"
 
 BYTE_TOKENIZER = "byte"
 """``--tokenizer_name byte``: the byte-level tokenizer (ByT5's: 256 bytes + pad/eos/unk), needs no download."""
+VERIFIED_CONTEXT_LENGTH = 1 << 20
+"""The saved tokenizer's ``model_max_length``: Titans has no length limit; 1M tokens is what the tests stream."""
 HUB_TOKENIZER = "hf-internal-testing/llama-tokenizer"
 """Default tokenizer for Hub datasets: Llama-2's 32K SentencePiece vocabulary (the paper's), from an ungated repo."""
 
@@ -72,7 +74,7 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
         segment_size=16,
         memory_chunk_size=8,
         memory_num_heads=2,
-        max_position_embeddings=64,
+        training_context_length=64,
     ),
     # The offline default: ~1.4M parameters, a few minutes on 2 CPU cores at 256 bytes of context.
     "small": dict(
@@ -84,7 +86,7 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
         sliding_window=64,
         segment_size=64,
         memory_chunk_size=32,
-        max_position_embeddings=256,
+        training_context_length=256,
     ),
 }
 
@@ -163,7 +165,8 @@ def build_parser(description: str, *, finetune: bool) -> argparse.ArgumentParser
     data.add_argument(
         "--block_size",
         type=int,
-        help="Tokens per training block (default: the model's max_position_embeddings, its training context).",
+        help="Tokens per training block (default: the model's training_context_length; the saved config records the "
+        "block size used). Any length works: Titans has no length limit.",
     )
     data.add_argument("--preprocessing_num_workers", type=int, help="Processes for tokenisation (prepared datasets).")
     data.add_argument("--cache_dir", help="Where datasets, tokenizers and models from the Hub are cached.")
@@ -195,7 +198,7 @@ def build_parser(description: str, *, finetune: bool) -> argparse.ArgumentParser
         model.add_argument("--model_name_or_path", help="Continue pretraining from a Titans checkpoint instead.")
     model.add_argument(
         "--config_overrides",
-        help="Comma-separated config overrides, e.g. 'variant=mac,memory_depth=3,max_position_embeddings=8192'.",
+        help="Comma-separated config overrides, e.g. 'variant=mac,memory_depth=3,memory_chunk_size=32'.",
     )
     model.add_argument(
         "--tokenizer_name",
@@ -943,6 +946,15 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
             f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}): each would train alone. "
             "On CPU, set ACCELERATE_USE_CPU=true or pass --cpu; with GPUs, check that every process sees one."
         )
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        and accelerator.distributed_type != DistributedType.FSDP
+    ):
+        raise RuntimeError(
+            f"The Accelerate config asks for FSDP but Accelerate runs {accelerator.distributed_type.value} (it enables "
+            "FSDP on GPUs and other accelerators only; CPU processes would silently train unsharded, as DDP). Use "
+            "examples/accelerate_configs/multi_cpu.yaml on CPU; tests/test_fsdp.py checks FSDP2 itself on CPU."
+        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger(__name__).setLevel(logging.INFO)
     # Tied embeddings: Accelerate warns at every checkpoint that it stored lm_head.weight once (as it should).
@@ -955,17 +967,6 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         transformers.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
     return accelerator
-
-
-def check_block_size(block_size: int, config: Any) -> None:
-    """The block size must fit the context the model is built for (``max_position_embeddings``)."""
-    limit = config.max_position_embeddings
-    if block_size > limit:
-        raise ValueError(
-            f"--block_size {block_size} is larger than the model allows: its max_position_embeddings (the context it is "
-            f"built and trained for) is {limit}. Use --block_size <= {limit}, or raise the context with "
-            f"--config_overrides max_position_embeddings={block_size} (Titans has no hard length limit)."
-        )
 
 
 @torch.no_grad()
@@ -1444,6 +1445,9 @@ def finish(run: TrainingRun, results: dict[str, Any]) -> dict[str, Any]:
     if accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(run.output_dir, state_dict=state_dict, save_function=accelerator.save)
+        # What clients (lm-evaluation-harness, pipelines) read as the model's context: the longest verified, not the
+        # training length (the config has no max_position_embeddings; README "Context length").
+        run.tokenizer.model_max_length = VERIFIED_CONTEXT_LENGTH
         run.tokenizer.save_pretrained(run.output_dir)
         if _parameters_sharded(accelerator):  # the wrapped copy holds a shard only: sample from the saved model
             sampler = AutoModelForCausalLM.from_pretrained(run.output_dir).to(accelerator.device)
@@ -1478,8 +1482,8 @@ def run_script(
     args.tokenizer_name = args.tokenizer_name or tokenizer_name
     set_seed(args.seed)
     model, model_name = create_model(args, tokenizer)
-    block_size = args.block_size or model.config.max_position_embeddings
-    check_block_size(block_size, model.config)
+    block_size = args.block_size or model.config.training_context_length
+    model.config.training_context_length = block_size  # the record of what the weights were trained at
     data_hint = args.dataset_name or args.train_file or str(DEFAULT_TRAIN_FILE)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(model_name, data_hint)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":

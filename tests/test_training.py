@@ -3,8 +3,10 @@ resumption, two processes, Hub push, clear errors on bad input. Everything runs 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +34,17 @@ import pretrain  # noqa: E402
 import titans_training  # noqa: E402
 
 SHAKESPEARE = EXAMPLES / "data" / "tinyshakespeare.txt"
+
+
+def _load_example(name: str, module: str):
+    """An example script imported under another module name (``evaluate`` would shadow the Hugging Face library)."""
+    spec = importlib.util.spec_from_file_location(module, EXAMPLES / f"{name}.py")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+evaluate = _load_example("evaluate", "titans_evaluate")
 
 # A fresh interpreter in which `titans_hf` cannot be imported: saved folders must carry their own code.
 FRESH_LOAD = textwrap.dedent(
@@ -293,12 +306,124 @@ def test_pretrain_end_to_end(pretrain_run):
     assert state["step"] == 6 and state["position"] == 6 * 2
     files = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "modeling_titans.py", "tokenizer_config.json", "README.md"} <= files
+    # The checkpoint tells clients no false length limit: the training length is a record, the tokenizer's
+    # model_max_length (what lm-evaluation-harness and pipelines read) is the verified context.
+    config = json.loads((folder / "config.json").read_text())
+    assert config["training_context_length"] == 64 and "max_position_embeddings" not in config
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == titans_training.VERIFIED_CONTEXT_LENGTH == 1 << 20
     saved = json.loads((folder / "all_results.json").read_text())
     assert saved["eval_bits_per_byte"] == pytest.approx(results["eval_bits_per_byte"])
     assert results["sample"].startswith("First Citizen") or len(results["sample"]) > 0
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: transformers" in card and "- titans" in card
     assert f"{results['eval_bits_per_byte']:.4f}" in card and '"variant": "mag"' in card
+
+
+LONG_TASKS = {
+    "multiple_choice": "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: 0\n"
+    "metric_list:\n  - metric: acc\n",
+    "loglikelihood_rolling": "doc_to_text: ''\ndoc_to_target: '{{context}}'\nmetric_list:\n  - metric: bits_per_byte\n",
+    "generate_until": "doc_to_text: '{{context}}'\ndoc_to_target: '{{choices[0]}}'\n"
+    "generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: 5\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
+}
+
+
+def test_lm_evaluation_harness_sees_the_whole_context(workdir, pretrain_run):
+    """lm-evaluation-harness (hf model, remote code, local YAML tasks) on the pretrain checkpoint: contexts of 2,300
+    bytes (the training length is 64, the harness's fallback 2,048) reach the model whole, for loglikelihood,
+    rolling loglikelihood and generate_until: each result equals the model's own on the untruncated input."""
+    lm_eval = pytest.importorskip("lm_eval", reason="the `eval` extra (lm-eval) is part of the dev install")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    text = SHAKESPEARE.read_text()
+    rows = [{"context": text[i : i + 2300], "choices": [text[i + 2300 : i + 2400], text[i + 9000 : i + 9100]]}
+            for i in (0, 3000)]  # fmt: skip
+    tasks = workdir / "lm_eval_tasks"
+    tasks.mkdir()
+    (tasks / "long.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for kind, body in LONG_TASKS.items():
+        header = f"task: titans_long_{kind}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'long.jsonl'}\n"
+        (tasks / f"{kind}.yaml").write_text(header + f"test_split: test\noutput_type: {kind}\n" + body)
+    lm = HFLM(pretrained=str(pretrain_run.folder), trust_remote_code=True, dtype="float32", device="cpu", batch_size=1)
+    assert lm.max_length == titans_training.VERIFIED_CONTEXT_LENGTH
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[f"titans_long_{kind}" for kind in LONG_TASKS], task_manager=TaskManager(include_path=str(tasks)),
+        log_samples=True,
+    )  # fmt: skip
+    model, tokenizer = lm.model, lm.tokenizer
+    assert len(lm.tok_encode(rows[0]["context"])) > 2048
+
+    def loglikelihood(context: list[int], continuation: list[int]) -> float:
+        ids = torch.tensor([context + continuation])
+        with torch.no_grad():
+            logprobs = model(ids).logits.log_softmax(-1)[0, len(context) - 1 : -1]
+        return logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
+
+    # The inputs as the harness encodes them (its own _encode_pair: with this byte tokenizer each part ends in EOS),
+    # scored by the model on the whole, untruncated sequence.
+    for sample in out["samples"]["titans_long_multiple_choice"]:
+        for (context, continuation), response in zip(sample["arguments"], sample["resps"]):
+            context_ids, continuation_ids = lm._encode_pair(context, continuation)
+            assert len(context_ids) > 2048
+            assert response[0][0] == pytest.approx(loglikelihood(context_ids, continuation_ids), rel=1e-5)
+    for sample in out["samples"]["titans_long_loglikelihood_rolling"]:
+        document = lm.tok_encode(sample["doc"]["context"])
+        assert len(document) > 2048
+        expected = loglikelihood([lm.prefix_token_id], document)
+        assert sample["resps"][0][0] == pytest.approx(expected, rel=1e-5)
+    for sample in out["samples"]["titans_long_generate_until"]:
+        context = torch.tensor([lm.tok_encode(sample["doc"]["context"])])
+        generated = model.generate(context, max_new_tokens=5, do_sample=False)[0, context.shape[1] :]
+        expected = tokenizer.decode(generated, skip_special_tokens=True).split("\n\n")[0]
+        assert sample["resps"][0][0] == expected
+
+
+def test_long_context_evaluation(workdir, pretrain_run):
+    """examples/evaluate.py on the pretrain checkpoint (shipped text, tiny sizes): streamed losses equal one full
+    forward pass, window-limited ones equal each block read alone; JSON, markdown, plots and the model card."""
+    folder = workdir / "evaluated"
+    shutil.copytree(pretrain_run.folder, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    model = TitansForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(3, 200, (150,), generator=torch.Generator().manual_seed(0)).tolist()
+    streamed, cache_bytes = evaluate.streaming_losses(model, ids, piece_tokens=40)
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        full = loss(model(torch.tensor([ids])).logits[0, :-1], torch.tensor(ids[1:]), reduction="none")
+        blocks = [torch.tensor(ids[s : s + 17]) for s in range(0, 149, 16)]  # 16 inputs, 16 targets each
+        alone = [loss(model(b[None, :-1]).logits[0], b[1:], reduction="none") for b in blocks]
+    torch.testing.assert_close(streamed, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        evaluate.window_losses(model, ids, window=16, batch_size=4), torch.cat(alone), rtol=0, atol=1e-5
+    )
+    assert cache_bytes > 0
+
+    card = (folder / "README.md").read_text()
+    results = evaluate.main([
+        "--model_name_or_path", str(folder), "--output_dir", str(workdir / "eval"), "--max_documents", "2",
+        "--max_tokens", "600", "--min_tokens", "100", "--piece_tokens", "128", "--passkey_lengths", "256,400",
+        "--passkey_depths", "0,1", "--passkey_trials", "1", "--update_model_card",
+    ])  # fmt: skip
+    assert (
+        results["documents"] == 2 and results["tokens"] == 1200 and results["window_tokens"] == 16
+    )  # tiny: window 16
+    assert results["by_position"][-1]["end"] == 600 and results["by_position"][-1]["documents"] == 2
+    assert set(results["passkey"]) >= {"lengths", "depths", "accuracy"} and len(results["passkey"]["accuracy"]) == 2
+    for name in ("long_context_eval.json", "long_context_eval.md", "loss_by_position.png", "passkey.png"):
+        assert (workdir / "eval" / name).exists(), name
+    path = folder / "README.md"
+    updated = path.read_text()
+    assert updated.index("## Long-context evaluation") < updated.index("## Configuration") and "| streaming" in updated
+    evaluate.update_model_card(path, "## Long-context evaluation\nagain\n")  # a second run replaces the section
+    again = path.read_text()
+    assert again.count(evaluate.CARD_START) == 1 and "again" in again and "| streaming" not in again
+    start, end = again.index(evaluate.CARD_START), again.index(evaluate.CARD_END) + len(evaluate.CARD_END) + 2
+    assert again[:start] + again[end:] == card  # the rest of the card is untouched
+    with pytest.raises(ValueError, match=r"--passkey_lengths 100 is too short for the prompt \(192 tokens at least\)"):
+        evaluate.main(["--model_name_or_path", str(folder), "--passkey_lengths", "100,256"])
+    with pytest.raises(ValueError, match=r"--passkey_depths must lie in \[0, 1\]"):
+        evaluate.main(["--model_name_or_path", str(folder), "--passkey_depths", "0,2"])
 
 
 def test_push_to_hub_uploads_the_final_folder(pretrain_run):
@@ -524,11 +649,20 @@ def test_missing_text_column(workdir, corpus):
         pretrain.main(args)
 
 
-def test_block_size_larger_than_the_model_allows(workdir, corpus):
-    args = tiny_args(workdir, corpus, "bad_block", "--max_train_steps", "1")
-    args[args.index("--block_size") + 1] = "128"
-    with pytest.raises(ValueError, match=r"--block_size 128 is larger than the model allows.*max_position_embeddings"):
-        pretrain.main(args)
+def test_block_size_longer_than_the_training_context_is_recorded(workdir, corpus):
+    args = tiny_args(workdir, corpus, "long_block", "--max_train_steps", "1", "--eval_steps", "0")
+    args[args.index("--block_size") + 1] = "128"  # the tiny preset records 64
+    assert titans_training.resolve_config("tiny")[0].training_context_length == 64
+    pretrain.main(args)
+    assert TitansConfig.from_pretrained(workdir / "long_block").training_context_length == 128
+
+
+def test_fsdp_config_on_cpu_is_refused(workdir, corpus, monkeypatch):
+    """Accelerate runs CPU processes as DDP whatever the config says: a run that asked for FSDP stops, not silently
+    trains unsharded."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match=r"asks for FSDP but Accelerate runs NO.*GPUs and other accelerators only"):
+        pretrain.main(tiny_args(workdir, corpus, "fsdp_cpu", "--max_train_steps", "1"))
 
 
 def test_resume_from_another_run(workdir, corpus, pretrain_run):
@@ -562,7 +696,7 @@ def test_unknown_preset_lists_the_presets():
 
 def test_presets_resolve():
     config, name = titans_training.resolve_config("small")
-    assert name == "small" and config.variant == "mag" and config.max_position_embeddings == 256
+    assert name == "small" and config.variant == "mag" and config.training_context_length == 256
     files = {k: v for k, v in titans_training.available_presets().items() if v != "built-in"}
     for stem in files:
         config, name = titans_training.resolve_config(stem)
