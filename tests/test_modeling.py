@@ -301,11 +301,11 @@ def test_no_length_limit_is_advertised(tmp_path):
 def test_invalid_inputs():
     model = tiny_model("mac", dtype=torch.float32)
     x = ids()
-    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 64\)"):
+    with pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, 64\)"):
         model(x + 64)
     negative = x.clone()
     negative[0, 3] = -1
-    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 64\)"):
+    with pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, 64\)"):
         model(negative)
     with pytest.raises(TypeError, match="integer token ids"):
         model(x.float())
@@ -313,7 +313,7 @@ def test_invalid_inputs():
         model(x, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="2D"):
         model(x, attention_mask=torch.ones(2, 1, 21, 21))
-    with pytest.raises(ValueError, match="only 0 and 1"):
+    with pytest.raises(RuntimeError, match="only 0 and 1"):
         model(x, attention_mask=torch.full_like(x, 3))
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model()

@@ -129,6 +129,9 @@ class TitansCache(Cache):
         super().__init__(layers=[TitansCacheLayer() for _ in range(config.num_hidden_layers)])
         self.signature = config_signature(config)
         self.seen: torch.Tensor | None = None  # (batch,) real tokens read per sequence
+        # `seen` as a host integer while every sequence has read the same (no padding so far): the layers then
+        # schedule windows, segments and chunks from shapes, without reading the device.
+        self.common_seen: int | None = None
         self.positions_read = 0  # token positions read, padding included
 
     # ------------------------------------------------------------------------------------------------ queries
@@ -205,6 +208,7 @@ class TitansCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.seen = None
+        self.common_seen = None
         self.positions_read = 0
 
     def crop(self, max_length: int) -> None:
@@ -244,6 +248,7 @@ class TitansCache(Cache):
         new.signature = dict(self.signature)
         new.positions_read = self.positions_read
         new.seen = None if self.seen is None else self.seen.clone()
+        new.common_seen = self.common_seen
         for mine, theirs in zip(self.layers, new.layers):
             theirs.memory = None if mine.memory is None else mine.memory.apply(torch.clone)
             theirs.tensors = {name: t.clone() for name, t in mine.tensors.items()}
@@ -291,6 +296,8 @@ class TitansCache(Cache):
         }
         cache.positions_read = int(metadata.get("positions_read", 0))
         cache.seen = tensors.pop("seen", None)
+        if cache.seen is not None and cache.seen.numel() and bool((cache.seen == cache.seen[0]).all()):
+            cache.common_seen = int(cache.seen[0])  # read once, on loading
         for i, layer in enumerate(cache.layers):
             prefix = f"layers.{i}."
             mine = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}

@@ -172,6 +172,8 @@ class TokenLayout:
         seen: real tokens read before this block, per row (batch,).
         positions: (batch, seq) position of every packed token: ``seen + j``.
         length: the block length (``seq``).
+        common_seen: ``seen`` as a host integer when it is the same for every row and known without reading the
+            device (no padding so far), else ``None``: segment and window schedules then follow from shapes.
     """
 
     order: torch.Tensor | None
@@ -180,11 +182,16 @@ class TokenLayout:
     seen: torch.Tensor
     positions: torch.Tensor
     length: int
+    common_seen: int | None = None
 
     @classmethod
-    def build(cls, real: torch.Tensor | None, batch: int, length: int, seen: torch.Tensor) -> TokenLayout:
+    def build(
+        cls, real: torch.Tensor | None, batch: int, length: int, seen: torch.Tensor, common_seen: int | None
+    ) -> TokenLayout:
         device = seen.device
         steps = torch.arange(length, device=device)
+        # A mask of ones is read once per call (the one host synchronisation of a masked call); without a mask
+        # nothing is read.
         if real is None or bool(real.all()):
             counts = torch.full((batch,), length, dtype=torch.long, device=device)
             order = None
@@ -192,7 +199,7 @@ class TokenLayout:
             counts = real.sum(dim=1)
             order = compaction_order(real)
         valid = steps.unsqueeze(0) < counts.unsqueeze(1)
-        return cls(order, counts, valid, seen, seen.unsqueeze(1) + steps, length)
+        return cls(order, counts, valid, seen, seen.unsqueeze(1) + steps, length, common_seen)
 
     @property
     def all_valid(self) -> bool:
@@ -387,7 +394,11 @@ class TitansAttention(nn.Module):
         if length <= block:
             key, value = self.with_persistent(all_keys, all_values)
             # A decoding step whose window is full sees every key: no mask to build.
-            everything_visible = length == 1 and layout.all_valid and bool((layout.seen >= past).all())
+            if layout.common_seen is not None:
+                full_window = layout.common_seen >= past
+            else:
+                full_window = bool((layout.seen >= past).all())
+            everything_visible = length == 1 and layout.all_valid and full_window
             mask = None if everything_visible else window_mask_function(self.num_persistent, window, past, all_valid)
             out, weights = self.attend(queries, key, value, mask)
         else:
@@ -617,12 +628,16 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             )
             return h, None, memory_state, attention_cache
         phase = layout.seen % segment  # slots of the current segment filled by earlier calls
-        span = int((phase + layout.counts).max())
+        if layout.common_seen is not None and layout.all_valid:  # from shapes, on the host
+            span = layout.common_seen % segment + length
+            aligned = layout.common_seen % segment == 0
+        else:
+            span = int((phase + layout.counts).max())
+            aligned = bool((phase == 0).all()) and layout.all_valid
         rounds = max(1, -(-span // segment))
         slots = torch.arange(rounds * segment, device=device)
         token = slots.unsqueeze(0) - phase.unsqueeze(1)  # packed token held by each slot
         new = (token >= 0) & (token < layout.counts.unsqueeze(1))
-        aligned = bool((phase == 0).all()) and layout.all_valid
 
         def to_slots(t: torch.Tensor) -> torch.Tensor:
             if aligned:
@@ -645,6 +660,9 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             new_r = new[:, part]
             active = new_r.any(dim=1)  # rows with tokens in this segment
             cached = (torch.arange(segment, device=device).unsqueeze(0) < phase.unsqueeze(1)) if r == 0 else None
+            # Aligned rows are real up to a host-known slot: the memory reads and writes just those (no mask, so
+            # nothing to read from the device); otherwise the mask of new tokens.
+            real_r, memory_mask = (min(segment, length - r * segment), None) if aligned else (segment, new_r)
             reads = None
             if self.memory is not None:
                 if memory_state is None:
@@ -653,7 +671,10 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 if r == 0 and snapshot is not None:  # rows in the middle of a segment read with its start weights
                     continuing = phase > 0
                     start_weights = [_where_rows(continuing, s, w) for s, w in zip(snapshot, start_weights)]
-                reads, read_conv = self.memory.retrieve(normed[:, part], start_weights, read_conv, new_r)
+                reads, read_conv = self.memory.retrieve(
+                    normed[:, part][:, :real_r], start_weights, read_conv, memory_mask
+                )
+                reads = F.pad(reads, (0, 0, 0, segment - real_r))
                 snapshot = (
                     start_weights
                     if snapshot is None
@@ -667,8 +688,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             )
             if self.memory is not None:
                 written = normed[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)
-                memory_out, memory_state = self.memory(written, memory_state, new_r)
-                y = self.gate(y, memory_out)
+                memory_out, memory_state = self.memory(written[:, :real_r], memory_state, memory_mask)
+                y = self.gate(y, F.pad(memory_out, (0, 0, 0, segment - real_r)))
             outputs.append(y)
             if output_attentions:
                 all_weights.append(weights)
@@ -901,7 +922,8 @@ class TitansModel(TitansPreTrainedModel):
             else torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
         )
         real = self._real_tokens(attention_mask, batch, length, cache)
-        layout = TokenLayout.build(real, batch, length, seen.to(inputs_embeds.device))
+        common_seen = 0 if cache is None or cache.seen is None else cache.common_seen
+        layout = TokenLayout.build(real, batch, length, seen.to(inputs_embeds.device), common_seen)
         if position_ids is not None:
             self._check_positions(position_ids, layout, real)
 
@@ -918,6 +940,7 @@ class TitansModel(TitansPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if cache is not None:
             cache.seen = seen + layout.counts
+            cache.common_seen = common_seen + length if common_seen is not None and layout.all_valid else None
             cache.positions_read += length
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
@@ -950,11 +973,10 @@ class TitansModel(TitansPreTrainedModel):
             raise ValueError(
                 f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one sequence of at least one token."
             )
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, {self.config.vocab_size}) (the vocabulary), got values in [{low}, {high}]."
-            )
+        # Checked on the device, without a host synchronisation: on CPU it raises here, on a GPU at the next
+        # synchronisation (as an out-of-range index would in the embedding, with a less clear message).
+        in_vocabulary = ((input_ids >= 0) & (input_ids < self.config.vocab_size)).all()
+        torch._assert_async(in_vocabulary, f"input_ids must lie in [0, {self.config.vocab_size}) (the vocabulary).")
         return self.embed_tokens(input_ids)
 
     @staticmethod
@@ -996,8 +1018,8 @@ class TitansModel(TitansPreTrainedModel):
                 f"tokens" + (f" or ({batch}, {past + length}) for the cached and new ones." if past else ".")
             )
         mask = attention_mask[:, -length:]
-        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 and 1.")
+        if mask.dtype != torch.bool:  # checked on the device (no host synchronisation), like input_ids
+            torch._assert_async(((mask == 0) | (mask == 1)).all(), "attention_mask must hold only 0 and 1.")
         return mask.to(torch.bool)
 
     @staticmethod

@@ -122,18 +122,24 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _select_rows(rows: torch.Tensor, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per sequence (``rows``, (batch,) bool), ``new`` where true and ``old`` where false, for lists of tensors."""
-    if bool(rows.all()):
-        return list(new)
-    if not bool(rows.any()):
-        return list(old)
+def _select_rows(rows: torch.Tensor | bool, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per sequence (``rows``, (batch,) bool), ``new`` where true and ``old`` where false, for lists of tensors.
+    ``rows`` known on the host (a ``bool``, the same for every sequence) picks a list without touching the device."""
+    if isinstance(rows, bool):
+        return list(new if rows else old)
     return [_where_batch(rows, a, b) for a, b in zip(new, old)]
 
 
-def _where_batch(condition: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``torch.where`` with a per-sample ``condition`` (batch,) broadcast over the other dimensions."""
+def _where_batch(condition: torch.Tensor | bool, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``torch.where`` with a per-sample ``condition`` (batch,) broadcast over the other dimensions (or a ``bool``)."""
+    if isinstance(condition, bool):
+        return new if condition else old
     return torch.where(condition.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def _any(rows: torch.Tensor | bool) -> bool:
+    """Whether any sequence is selected; reads the device only when the host does not know."""
+    return rows if isinstance(rows, bool) else bool(rows.any())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -579,6 +585,9 @@ class NeuralMemoryState:
         seen: number of real tokens written so far per sequence, (batch,) int64; ``seen % chunk_size`` of them
             are in the current chunk.
         chunk_size: the chunk size of the memory that made the state (not a tensor).
+        common_seen: ``seen`` as a host integer when every sequence has written the same number of tokens and that
+            is known without reading the device (a stream of unpadded calls), else ``None``. The chunk schedule then
+            follows from shapes: no host synchronisation.
 
     Every tensor has the batch as its first dimension, so the state can be detached, moved, indexed and reordered
     like one tensor (see :meth:`apply`). Its size does not depend on how many tokens were read.
@@ -592,6 +601,7 @@ class NeuralMemoryState:
     conv: torch.Tensor | None
     seen: torch.Tensor
     chunk_size: int
+    common_seen: int | None = None
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NeuralMemoryState:
         """A new state with ``fn`` applied to every tensor (lists element-wise; ``None`` stays ``None``)."""
@@ -640,12 +650,14 @@ class NeuralMemoryState:
         """Inverse of :meth:`tensors`."""
         values = {"chunk_size": chunk_size}
         for field in fields(cls):
-            if field.name == "chunk_size":
+            if field.name in ("chunk_size", "common_seen"):
                 continue
             listed = sorted(
                 (int(k.rsplit(".", 1)[1]), t) for k, t in tensors.items() if k.startswith(f"{field.name}.")
             )
             values[field.name] = [t for _, t in listed] if listed else tensors.get(field.name)
+        seen = values["seen"]  # read once, on loading: every sequence at the same place restores the host schedule
+        values["common_seen"] = int(seen[0]) if seen.numel() and bool((seen == seen[0]).all()) else None
         return cls(**values)
 
     @property
@@ -879,6 +891,7 @@ class NeuralMemory(nn.Module):
             conv=conv,
             seen=torch.zeros(batch_size, dtype=torch.long, device=device),
             chunk_size=self.chunk_size,
+            common_seen=0,
         )
 
     def causal_conv(
@@ -994,21 +1007,30 @@ class NeuralMemory(nn.Module):
         size = self.chunk_size
         batch = q.shape[0]
         device = q.device
-        phase = state.seen % size  # tokens already in the current chunk
-        new = counts if counts is not None else torch.full((batch,), length, device=device, dtype=torch.long)
-        first = torch.minimum(new, (size - phase) % size)  # tokens that finish the current chunk
-        head = int(first.max())
-        chunks = -(-int((new - first).max()) // size)
-        slots = head + chunks * size
-        if slots == 0:  # no real token in any sequence
-            return q.new_zeros(q.shape), state
-
-        # Token j of sequence b sits in slot j up to its boundary, then in slot head + (j - first_b).
         streams = (q, k, v, lr, log_retention, log_momentum)
         token_slot = None
-        if counts is None and bool((phase == phase[0]).all()):  # all sequences in step: the layout is the identity
+        if counts is None and state.common_seen is not None:
+            # Every sequence is at the same place and every token is real: the schedule follows from shapes, on the
+            # host (no synchronisation), and the layout is the identity.
+            phase = state.common_seen % size
+            first = min(length, (size - phase) % size)  # tokens that finish the current chunk
+            head, chunks = first, -(-(length - first) // size)
+            slots = head + chunks * size
             aligned = [None if t is None else _pad_time(t, slots) for t in streams]
+            counts_in = [first] + [min(size, length - first - n * size) for n in range(chunks)]
+            completed = [first > 0 and phase + first == size] + [n_in == size for n_in in counts_in[1:]]
+            new = torch.full((batch,), length, device=device, dtype=torch.long)
         else:
+            # Padded rows, or rows at different places: the schedule depends on the counts, read from the device.
+            phase = state.seen % size  # tokens already in the current chunk
+            new = counts if counts is not None else torch.full((batch,), length, device=device, dtype=torch.long)
+            first = torch.minimum(new, (size - phase) % size)  # tokens that finish the current chunk
+            head = int(first.max())
+            chunks = -(-int((new - first).max()) // size)
+            slots = head + chunks * size
+            if slots == 0:  # no real token in any sequence
+                return q.new_zeros(q.shape), state
+            # Token j of sequence b sits in slot j up to its boundary, then in slot head + (j - first_b).
             steps = torch.arange(slots, device=device).unsqueeze(0)
             in_head = steps < first.unsqueeze(1)
             token = torch.where(in_head, steps, steps - head + first.unsqueeze(1))
@@ -1025,6 +1047,10 @@ class NeuralMemory(nn.Module):
             steps = torch.arange(length, device=device).unsqueeze(0)
             token_slot = torch.where(steps < first.unsqueeze(1), steps, steps + head - first.unsqueeze(1))
             token_slot = token_slot.clamp(max=slots - 1)  # (pads beyond the real tokens read anything; dropped later)
+            # Real tokens of each sequence in each piece; the state is carried from the last of them. A piece
+            # completes its chunk on reaching a boundary: the head when phase + first = C, the others when full.
+            counts_in = [first] + [(new - first - n * size).clamp(0, size) for n in range(chunks)]
+            completed = [(first > 0) & (phase + first == size)] + [n_in == size for n_in in counts_in[1:]]
         queries, keys, values, lrs, log_ret, log_mom = aligned
         targets = values - keys if self.residual else values  # the residual memory is M(z) = z + MLP(z)
 
@@ -1035,11 +1061,6 @@ class NeuralMemory(nn.Module):
                 return [None] * (1 + chunks)
             rest = t[:, :, head:].reshape(batch, self.num_heads, chunks, size, *t.shape[3:])
             return [t[:, :, :head], *rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous().unbind(0)]
-
-        # Real tokens of each sequence in each piece; the state is carried from the last of them. A piece completes
-        # its chunk on reaching a boundary: the head when phase + first = C, the others when full.
-        counts_in = [first] + [(new - first - n * size).clamp(0, size) for n in range(chunks)]
-        completed = [(first > 0) & (phase + first == size)] + [n_in == size for n_in in counts_in[1:]]
 
         anchors = self._anchors(q.dtype)
         num_slots = 1 if state.momentum is None else 2
@@ -1055,11 +1076,15 @@ class NeuralMemory(nn.Module):
         for n, (q_n, k_n, t_n, lr_n, log_mom_n, log_ret_n) in enumerate(pieces):
             if q_n.shape[2] == 0:
                 continue
-            n_in, done = counts_in[n], completed[n]
+            n_in, done = counts_in[n], completed[n]  # host ints and bools, or (batch,) tensors
             active = n_in > 0
-            last = (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
+            if isinstance(n_in, int):
+                last = torch.full((batch, self.num_heads), n_in - 1, device=device, dtype=torch.long)
+            else:
+                last = (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
             # A piece that continues a chunk (the head) or stops inside one also carries the chunk's own update.
-            continuing = n == 0 and head > 0 or bool((active & ~done).any())
+            stops_inside = (active and not done) if isinstance(done, bool) else active & ~done
+            continuing = n == 0 and head > 0 or _any(stops_inside)
             kappa = step_curvature(*memory_errors(boundary, k_n, t_n)[::3])
             if continuing:
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, lr_sum, kappa)
@@ -1072,13 +1097,13 @@ class NeuralMemory(nn.Module):
             running = _select_rows(active, [x[:, :, :num_slots] for x in carried], running)
             if continuing:
                 update = _select_rows(active, [x[:, :, num_slots:] for x in carried], update)
-                lr_sum = torch.where(active.unsqueeze(1), lr_sum + lr_n.sum(-1), lr_sum)
+                lr_sum = _where_batch(active, lr_sum + lr_n.sum(-1), lr_sum)
             # On a boundary the chunk's update joins the state, the safeguard bounds it, and the next chunk takes its
             # gradients there.
-            if bool(done.any()):
+            if _any(done):
                 running = _select_rows(done, self.bound(running), running)
                 update = _select_rows(done, [torch.zeros_like(u) for u in update], update)
-                lr_sum = torch.where(done.unsqueeze(1), torch.zeros_like(lr_sum), lr_sum)
+                lr_sum = _where_batch(done, torch.zeros_like(lr_sum), lr_sum)
                 boundary = _select_rows(done, [r[:, :, 0] + a for r, a in zip(running, anchors)], boundary)
         head_reads, chunk_reads = (reads[0], reads[1:]) if head else (None, reads)
         parts = [] if head_reads is None else [head_reads]
@@ -1101,6 +1126,7 @@ class NeuralMemory(nn.Module):
             conv=state.conv,
             seen=state.seen + new,
             chunk_size=size,
+            common_seen=None if counts is not None or state.common_seen is None else state.common_seen + length,
         )
         return reads, new_state
 
@@ -1161,9 +1187,10 @@ class NeuralMemory(nn.Module):
         weights = [d + a for d, a in zip(deviations, anchors)]
         reads = memory_mlp(weights, q, self.residual)
         seen = state.seen + 1
-        boundary = seen % self.chunk_size == 0
+        common_seen = None if state.common_seen is None else state.common_seen + 1
+        boundary = seen % self.chunk_size == 0 if common_seen is None else common_seen % self.chunk_size == 0
         chunk_weights = list(state.chunk_weights)
-        if bool(boundary.any()):
+        if _any(boundary):
             if momenta is None:
                 stacked = [d.unsqueeze(2) for d in deviations]
             else:
@@ -1172,7 +1199,7 @@ class NeuralMemory(nn.Module):
             deviations = [x[:, :, 0] for x in stacked]
             momenta = None if momenta is None else [x[:, :, 1] for x in stacked]
             updates = _select_rows(boundary, [torch.zeros_like(u) for u in updates], updates)
-            lr_sum = torch.where(boundary.unsqueeze(1), torch.zeros_like(lr_sum), lr_sum)
+            lr_sum = _where_batch(boundary, torch.zeros_like(lr_sum), lr_sum)
             weights = [d + a for d, a in zip(deviations, anchors)]
             chunk_weights = _select_rows(boundary, weights, chunk_weights)
         new_state = NeuralMemoryState(
@@ -1184,6 +1211,7 @@ class NeuralMemory(nn.Module):
             conv=state.conv,
             seen=seen,
             chunk_size=self.chunk_size,
+            common_seen=common_seen,
         )
         return reads, new_state
 
@@ -1196,10 +1224,8 @@ class NeuralMemory(nn.Module):
         for state in states:
             mean_square = state.pow(2).mean(dim=(-2, -1), keepdim=True)
             over = mean_square > cap * cap
-            if not bool(over.any()):  # the normal range: nothing to scale, nothing to save for backward
-                bounded.append(state)
-                continue
-            # Both branches finite (no 0 * inf in backward at a zero state), exactly 1 under the bound.
+            # Branch-free (no host synchronisation): a factor of exactly 1 under the bound, so the normal range is
+            # unchanged bit for bit; both branches finite (no 0 * inf in backward at a zero state).
             safe = torch.where(over, mean_square, torch.full_like(mean_square, cap * cap))
             bounded.append(state * torch.where(over, cap * safe.rsqrt(), torch.ones_like(safe)))
         return bounded
