@@ -1,0 +1,63 @@
+"""`torch.compile(fullgraph=True)`: a training step (forward and backward) and cached decoding steps of every variant
+capture as one graph each and compute what eager computes. The fast case (MAG, AOTAutograd) runs by default; the
+other variants are slow (`pytest -m slow`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import VARIANTS, tiny_model
+
+
+def training_step(
+    forward: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = forward(x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def check_training_step(variant: str, backend: str, **overrides) -> None:
+    torch._dynamo.reset()
+    model = tiny_model(variant, dtype=torch.float32, **overrides).train()
+    x = torch.randint(1, 64, (2, 11), generator=torch.Generator().manual_seed(0))  # 2 chunks and a part
+    loss, grads = training_step(model, model, x)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    compiled_loss, compiled_grads = training_step(compiled, model, x)
+    torch.testing.assert_close(compiled_loss, loss, rtol=0, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def check_decoding_steps(variant: str, backend: str) -> None:
+    torch._dynamo.reset()
+    model = tiny_model(variant, dtype=torch.float32)
+    x = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def step(ids: torch.Tensor, cache):
+        out = model(ids, cache=cache, use_cache=True)
+        return out.logits, out.cache
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        cache, eager_cache = model(x[:, :5], use_cache=True).cache, model(x[:, :5], use_cache=True).cache
+        for t in range(5, 12):  # across chunk (4), window (6) and segment (8) boundaries
+            logits, cache = compiled(x[:, t : t + 1], cache)
+            expected, eager_cache = step(x[:, t : t + 1], eager_cache)
+            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_training_step_compiles_as_one_graph():
+    check_training_step("mag", "aot_eager", num_hidden_layers=1)
+
+
+def test_decoding_step_compiles_as_one_graph():
+    check_decoding_steps("mag", "eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_compiles(variant):
+    check_training_step(variant, "aot_eager")
+    check_decoding_steps(variant, "aot_eager")
