@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -32,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="profiled steps after one warm-up step")
     parser.add_argument("--top", type=int, default=20, help="ops shown")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default: results/)")
     return parser.parse_args()
 
 
@@ -74,9 +76,10 @@ def main() -> None:
         print(
             f"{row['op'][:44]:<44} {row['self_ms_per_step']:>13.1f} {row['share']:>7.1%} {row['calls_per_step']:>11.0f}"
         )
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"profile_{args.model}_{args.length}.json"
-    out.write_text(json.dumps({"args": vars(args), "step_seconds": times, "top_ops": table}, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"profile_{args.model}_{args.length}.json"
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    out.write_text(json.dumps({"args": settings, "step_seconds": times, "top_ops": table}, indent=2))
     print(f"saved {out}")
 
 

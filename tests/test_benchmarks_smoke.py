@@ -110,3 +110,15 @@ def test_train_stability_runs(tmp_path):
         assert "max_read_rms" in proc.stdout
     for name in ("train_stability.json", "train_stability_no_curvature.json"):
         assert json.loads((tmp_path / name).read_text())["summary"]["steps"] == 2
+
+
+def test_profile_step_runs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--length", "128", "--steps", "1", "--top", "5",
+         "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "profile_mag_128.json").read_text())
+    assert len(saved["top_ops"]) == 5 and 0 < saved["top_ops"][0]["share"] <= 1
+    assert "self ms/step" in proc.stdout
