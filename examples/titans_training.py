@@ -42,7 +42,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, TorchDynamoPlugin, gather_object, set_seed
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
@@ -252,6 +252,18 @@ def build_parser(description: str, *, finetune: bool) -> argparse.ArgumentParser
         help="Overrides the Accelerate config (`accelerate config` / `accelerate launch --mixed_precision`).",
     )
     train.add_argument("--cpu", action="store_true", help="Train on CPU even if an accelerator is available.")
+    train.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the model with torch.compile (through Accelerate; overrides the Accelerate config's dynamo "
+        "settings). An unpadded step is one graph; padded batches add graph breaks where the model reads the mask.",
+    )
+    train.add_argument(
+        "--torch_compile_backend",
+        default="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="torch.compile backend for --torch_compile (default: inductor; README 'torch.compile').",
+    )
 
     log = parser.add_argument_group("evaluation, logging and checkpoints")
     log.add_argument(
@@ -933,6 +945,8 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         kwargs["mixed_precision"] = args.mixed_precision
     if args.cpu:
         kwargs["cpu"] = True
+    if args.torch_compile:
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend=args.torch_compile_backend.upper())
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=trackers or None,

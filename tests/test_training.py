@@ -657,6 +657,20 @@ def test_block_size_longer_than_the_training_context_is_recorded(workdir, corpus
     assert TitansConfig.from_pretrained(workdir / "long_block").training_context_length == 128
 
 
+@pytest.mark.slow
+def test_torch_compile_flag_trains_the_same_model(workdir, corpus):
+    """--torch_compile (through Accelerate's dynamo plugin; AOTAutograd here, see README 'torch.compile') ends with the
+    parameters of the eager run."""
+    common = ("--max_train_steps", "3", "--eval_steps", "0", "--checkpointing_steps", "0")
+    pretrain.main(tiny_args(workdir, corpus, "eager_run", *common))
+    pretrain.main(
+        tiny_args(workdir, corpus, "compiled_run", *common, "--torch_compile", "--torch_compile_backend", "aot_eager")
+    )
+    eager, compiled = (load_file(workdir / run / "model.safetensors") for run in ("eager_run", "compiled_run"))
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fsdp_config_on_cpu_is_refused(workdir, corpus, monkeypatch):
     """Accelerate runs CPU processes as DDP whatever the config says: a run that asked for FSDP stops, not silently
     trains unsharded."""
