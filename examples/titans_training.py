@@ -262,7 +262,7 @@ def build_parser(description: str, *, finetune: bool) -> argparse.ArgumentParser
         "--torch_compile_backend",
         default="inductor",
         choices=["inductor", "aot_eager", "eager"],
-        help="torch.compile backend for --torch_compile (default: inductor; README 'torch.compile').",
+        help="torch.compile backend for --torch_compile (default: inductor, for GPUs; on CPU: aot_eager, README 'torch.compile').",
     )
 
     log = parser.add_argument_group("evaluation, logging and checkpoints")
@@ -953,6 +953,12 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         **kwargs,
     )
+    if args.torch_compile and args.torch_compile_backend == "inductor" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "--torch_compile_backend inductor on CPU: torch's inductor CPU code computes the neural memory's gradients "
+            "wrongly (measured with torch 2.13; tests/test_compile.py::test_inductor_cpu_backward_equals_eager). Use "
+            "--torch_compile_backend aot_eager on CPU; inductor is meant for GPUs."
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(

@@ -671,6 +671,13 @@ def test_torch_compile_flag_trains_the_same_model(workdir, corpus):
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_inductor_on_cpu_is_refused(workdir, corpus):
+    with pytest.raises(
+        ValueError, match=r"--torch_compile_backend inductor on CPU.*Use --torch_compile_backend aot_eager"
+    ):
+        pretrain.main(tiny_args(workdir, corpus, "inductor_cpu", "--max_train_steps", "1", "--torch_compile"))
+
+
 def test_fsdp_config_on_cpu_is_refused(workdir, corpus, monkeypatch):
     """Accelerate runs CPU processes as DDP whatever the config says: a run that asked for FSDP stops, not silently
     trains unsharded."""
