@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from tiny import VARIANTS, tiny_config
+from tiny import VARIANTS, tiny_config, tiny_model
 
 import titans_hf.neural_memory as neural_memory
 from titans_hf import TitansCache, TitansForCausalLM
@@ -123,3 +123,19 @@ def test_float16_works_on_cpu(variant):
     for layer in cache.layers:
         state = layer.memory
         assert float_dtypes(state.weights + (state.momentum or []), set()) == {torch.float32}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_under_autocast(variant):
+    """A cache made under bf16 autocast continues under autocast (autocast keeps some activations, e.g. rotated keys,
+    in float32: the cache's dtype check leaves them be) and decodes what the full pass computes, within bf16 rounding."""
+    model = tiny_model(variant, dtype=torch.float32)
+    x = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x[:, :7], use_cache=True)
+        logits = [out.logits]
+        for t in range(7, 12):
+            out = model(x[:, t : t + 1], cache=out.cache, use_cache=True)
+            logits.append(out.logits)
+        full = model(x, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(logits, dim=1).float(), full.float(), rtol=0, atol=0.05)

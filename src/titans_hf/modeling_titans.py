@@ -980,14 +980,14 @@ class TitansModel(TitansPreTrainedModel):
         return self.embed_tokens(input_ids)
 
     @staticmethod
-    def _activation_dtype(inputs_embeds: torch.Tensor) -> torch.dtype:
-        """The dtype of the layers' attention tensors: the autocast dtype where autocast is on."""
-        device_type = inputs_embeds.device.type
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
+    def _activation_dtype(inputs_embeds: torch.Tensor) -> torch.dtype | None:
+        """The dtype of the layers' attention tensors, which a cache must hold; ``None`` (not checked) under
+        autocast, which picks a dtype per op (e.g. rotated keys stay float32)."""
+        if torch.is_autocast_enabled(inputs_embeds.device.type):
+            return None
         return inputs_embeds.dtype
 
-    def _titans_cache(self, cache: Cache | None, batch: int, dtype: torch.dtype) -> TitansCache:
+    def _titans_cache(self, cache: Cache | None, batch: int, dtype: torch.dtype | None) -> TitansCache:
         if cache is None:
             return TitansCache(self.config)
         if not isinstance(cache, TitansCache):
