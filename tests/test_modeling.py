@@ -321,6 +321,6 @@ def test_invalid_inputs():
         model(inputs_embeds=torch.randn(2, 5, 31))
     with pytest.raises(ValueError, match="empty"):
         model(x[:, :0])
-    with pytest.raises(ValueError, match="position_ids disagree"):
+    with pytest.raises(RuntimeError, match="position_ids disagree"):
         model(x, position_ids=torch.zeros_like(x))
     model(x, position_ids=torch.arange(21).expand(2, -1))  # the positions Titans counts are accepted

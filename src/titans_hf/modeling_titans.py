@@ -1031,11 +1031,11 @@ class TitansModel(TitansPreTrainedModel):
             )
         expected = layout.positions
         got = layout.compact(position_ids.expand(layout.valid.shape[0], -1))
-        if not bool(((got == expected) | ~layout.valid).all()):
-            raise ValueError(
-                "position_ids disagree with the positions Titans counts (real tokens since each sequence's first one, "
-                "continuing the cache). Titans reads a stream in order: drop position_ids, or pass cumsum(mask) - 1."
-            )
+        torch._assert_async(  # on the device, like the token ids: generate() passes positions at every step
+            ((got == expected) | ~layout.valid).all(),
+            "position_ids disagree with the positions Titans counts (real tokens since each sequence's first one, "
+            "continuing the cache). Titans reads a stream in order: drop position_ids, or pass cumsum(mask) - 1.",
+        )
 
 
 class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
