@@ -47,7 +47,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_titans import TitansCache
 from .configuration_titans import TitansConfig
-from .neural_memory import NeuralMemory, NeuralMemoryState, compaction_order
+from .neural_memory import NeuralMemory, NeuralMemoryState, _where_batch, compaction_order
 
 # --------------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -670,7 +670,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 start_weights = memory_state.weights
                 if r == 0 and snapshot is not None:  # rows in the middle of a segment read with its start weights
                     continuing = phase > 0
-                    start_weights = [_where_rows(continuing, s, w) for s, w in zip(snapshot, start_weights)]
+                    start_weights = [_where_batch(continuing, s, w) for s, w in zip(snapshot, start_weights)]
                 reads, read_conv = self.memory.retrieve(
                     normed[:, part][:, :real_r], start_weights, read_conv, memory_mask
                 )
@@ -678,13 +678,15 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 snapshot = (
                     start_weights
                     if snapshot is None
-                    else [_where_rows(active, w, s) for w, s in zip(start_weights, snapshot)]
+                    else [_where_batch(active, w, s) for w, s in zip(start_weights, snapshot)]
                 )
             y, weights, fresh = self.attention.forward_segment(
                 normed[:, part], reads, (cos[:, part], sin[:, part]), new_r, buffers, cached
             )
             buffers = (
-                fresh if buffers is None else {name: _where_rows(active, fresh[name], buffers[name]) for name in fresh}
+                fresh
+                if buffers is None
+                else {name: _where_batch(active, fresh[name], buffers[name]) for name in fresh}
             )
             if self.memory is not None:
                 written = normed[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)
@@ -730,7 +732,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             start_weights = memory_state.weights  # a row that starts a segment reads with the current weights
             snapshot = [cache.get(f"snapshot.{i}") for i in range(self.config.memory_depth)]
             if all(s is not None for s in snapshot):
-                start_weights = [_where_rows(slot > 0, s, w) for s, w in zip(snapshot, start_weights)]
+                start_weights = [_where_batch(slot > 0, s, w) for s, w in zip(snapshot, start_weights)]
             reads, read_conv = self.memory.retrieve(normed, start_weights, cache.get("read_conv"))
             new_cache.update({f"snapshot.{i}": w for i, w in enumerate(start_weights)})
             if read_conv is not None:
@@ -742,10 +744,6 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             memory_out, memory_state = self.memory(written, memory_state)
             y = self.gate(y, memory_out)
         return x + y, memory_state, {**buffers, **new_cache}
-
-
-def _where_rows(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(rows.view(-1, *([1] * (a.dim() - 1))), a, b)
 
 
 # --------------------------------------------------------------------------------------------------------------------
