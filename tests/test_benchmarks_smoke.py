@@ -30,10 +30,11 @@ def text_arguments(script: str) -> list[str]:
     return ["--train", text, "--validation", text]
 
 
-def run_quick(script: str, out: Path) -> str:
+def run_benchmark(script: str, *args: str) -> str:
+    """Runs ``benchmarks/<script>`` offline with ``args``; asserts it succeeded and returns its output."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(out), *text_arguments(script)],
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -42,6 +43,10 @@ def run_quick(script: str, out: Path) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def run_quick(script: str, out: Path) -> str:
+    return run_benchmark(script, "--quick", "--out", str(out), *text_arguments(script))
 
 
 def test_recall_quick(tmp_path):
@@ -70,55 +75,26 @@ def test_lm_quality_quick(tmp_path):
 
 
 def test_write_rule_quick(tmp_path):
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     out = tmp_path / "write_rule.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "write_rule.py"),
-            "--quick",
-            "--variants",
-            "mag",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| mag | 1 |" in proc.stdout
+    stdout = run_benchmark("write_rule.py", "--quick", "--variants", "mag", "--out", str(out))
+    assert "| mag | 1 |" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(row["text_d16"]["finite"] for row in rows)  # the default budget is stable on real text
 
 
 def test_train_stability_runs(tmp_path):
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
-    script = str(REPO / "benchmarks" / "train_stability.py")
+    script = "train_stability.py"
     for ablation in ([], ["--no-curvature"]):
-        proc = subprocess.run(
-            [sys.executable, script, "--steps", "2", "--out", str(tmp_path), *ablation, *text_arguments(script)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            cwd=REPO,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "max_read_rms" in proc.stdout
+        stdout = run_benchmark(script, "--steps", "2", "--out", str(tmp_path), *ablation, *text_arguments(script))
+        assert "max_read_rms" in stdout
     for name in ("train_stability.json", "train_stability_no_curvature.json"):
         assert json.loads((tmp_path / name).read_text())["summary"]["steps"] == 2
 
 
 def test_profile_step_runs(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--length", "128", "--steps", "1", "--top", "5",
-         "--threads", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = run_benchmark(
+        "profile_step.py", "--length", "128", "--steps", "1", "--top", "5", "--threads", "1", "--out", str(tmp_path)
+    )
     saved = json.loads((tmp_path / "profile_mag_128.json").read_text())
     assert len(saved["top_ops"]) == 5 and 0 < saved["top_ops"][0]["share"] <= 1
-    assert "self ms/step" in proc.stdout
+    assert "self ms/step" in stdout
