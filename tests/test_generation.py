@@ -247,6 +247,39 @@ def test_snapshot_round_trip_gives_identical_continuations(variant, tmp_path):
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("variant", ["mac", "mag"])
+def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
+    """Snapshots written before the attention state was typed used other names ("keys", "x_keys", "snapshot.0")."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(variant)
+    x = ids(length=30)
+    cache = TitansCache(model.config)
+    with torch.no_grad():
+        model(x[:, :19], cache=cache)
+    cache.save(tmp_path / "new.safetensors")
+    old_names = {"window.": "", "segment.keys": "x_keys", "segment.values": "x_values", "segment.read_keys": "h_keys"}
+    old_names |= {
+        "segment.read_values": "h_values",
+        "segment.read_conv": "read_conv",
+        "segment.start_weights.": "snapshot.",
+    }
+    renamed = {}
+    for name, t in load_file(tmp_path / "new.safetensors").items():
+        for new, old in old_names.items():
+            if f".{new}" in name:
+                name = name.replace(new, old)
+        renamed[name] = t
+    assert any(".snapshot.0" in n or n.endswith(".keys") and "memory" not in n for n in renamed)
+    with safe_open(tmp_path / "new.safetensors", framework="pt") as f:
+        save_file(renamed, tmp_path / "old.safetensors", metadata=f.metadata())
+    restored = TitansCache.load(tmp_path / "old.safetensors", model.config)
+    assert restored.state_dict().keys() == cache.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(model(x[:, 19:], cache=cache).logits, model(x[:, 19:], cache=restored).logits)
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 
 

@@ -127,7 +127,7 @@ def memory_tensors(model: TitansForCausalLM, cache: TitansCache) -> dict[str, li
         out["deviation"] += [w - w0 for w, w0 in zip(memory.weights, initial)]
         out["momentum"] += memory.momentum or []
         out["boundary"] += [w - w0 for w, w0 in zip(memory.chunk_weights, initial)]
-        snapshots = [t for name, t in sorted(layer.tensors.items()) if name.startswith("snapshot.")]
+        snapshots = getattr(layer.attention, "start_weights", None) or []  # MAC's segment-start weights
         out["boundary"] += [w - w0 for w, w0 in zip(snapshots, initial)]
         out["alive"] += [rms(w.double()) / rms(w0.double()) for w, w0 in zip(memory.weights, initial)]
     return out

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .neural_memory import NeuralMemoryState
+from .neural_memory import BatchState, NeuralMemoryState
 
 # Fields of a config that fix the shapes and the meaning of a cache.
 _SIGNATURE_FIELDS = (
@@ -51,15 +52,65 @@ def config_signature(config) -> dict:
     return {name: getattr(config, name) for name in _SIGNATURE_FIELDS}
 
 
+@dataclass
+class WindowState(BatchState):
+    """MAG / MAL attention: keys and values of the last ``sliding_window - 1`` real tokens before the next block,
+    right-aligned (slot ``i`` holds position ``seen - (sliding_window - 1) + i``), (batch, kv_heads, window - 1, head_dim)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class SegmentState(BatchState):
+    """MAC: the current segment, slot ``j`` holding its ``j``-th token (slots of tokens not read yet hold anything).
+
+    Attributes:
+        keys, values: of the segment's tokens, (batch, kv_heads, segment_size, head_dim).
+        read_keys, read_values: of their memory reads ``h`` (same shapes; ``None`` in a layer without memory).
+        start_weights: the memory's fast weights at the segment's start, with which all its tokens read the memory
+            (per memory layer, (batch, heads, d_in, d_out), kept in the memory's dtype); ``None`` without memory.
+        read_conv: the conv tail of the read queries (batch, conv_kernel - 1, heads * head_dim), or ``None``.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    read_keys: torch.Tensor | None = None
+    read_values: torch.Tensor | None = None
+    start_weights: list[torch.Tensor] | None = None
+    read_conv: torch.Tensor | None = None
+
+    def key_values(self) -> list[torch.Tensor]:
+        """The attention tensors (keys and values of the reads, then of the tokens), in the order attention sees them."""
+        return [t for t in (self.read_keys, self.read_values, self.keys, self.values) if t is not None]
+
+
+# Fields of the attention states that hold memory weights: they keep the memory's dtype (float32 under bf16).
+_MEMORY_FIELDS = ("start_weights",)
+
+# Attention states by the name under which a snapshot stores them, and the names older snapshots used.
+_ATTENTION_STATES = {"window": WindowState, "segment": SegmentState}
+_LEGACY_NAMES = {
+    "keys": "window.keys",
+    "values": "window.values",
+    "x_keys": "segment.keys",
+    "x_values": "segment.values",
+    "h_keys": "segment.read_keys",
+    "h_values": "segment.read_values",
+    "read_conv": "segment.read_conv",
+}
+
+
 class TitansCacheLayer(CacheLayerMixin):
-    """One layer's state: ``memory`` (or ``None``) and the attention tensors in ``tensors`` (batch first)."""
+    """One layer's state: ``memory`` (:class:`NeuralMemoryState`) and ``attention`` (:class:`WindowState` for MAG /
+    MAL, :class:`SegmentState` for MAC), each ``None`` where the layer has none or has read nothing yet."""
 
     is_sliding = False
 
     def __init__(self):
         super().__init__()
         self.memory: NeuralMemoryState | None = None
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.attention: WindowState | SegmentState | None = None
 
     # The attention state is not a growing key/value list, so the generic CacheLayerMixin hooks do not apply.
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -78,13 +129,13 @@ class TitansCacheLayer(CacheLayerMixin):
         return -1
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.memory is not None:
-            self.memory = self.memory.apply(fn)
-        self.tensors = {name: fn(t) for name, t in self.tensors.items()}
+        """Applies ``fn`` to every tensor, in place (the batch operations of :class:`TitansCache` go through it)."""
+        self.memory = None if self.memory is None else self.memory.apply(fn)
+        self.attention = None if self.attention is None else self.attention.apply(fn)
 
     def reset(self) -> None:
         self.memory = None
-        self.tensors = {}
+        self.attention = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -102,10 +153,34 @@ class TitansCacheLayer(CacheLayerMixin):
         )
 
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}{name}": t for name, t in self.tensors.items()}
-        if self.memory is not None:
-            out.update({f"{prefix}memory.{name}": t for name, t in self.memory.tensors().items()})
+        out = {}
+        for name, state in (("memory", self.memory), (_attention_name(self.attention), self.attention)):
+            if state is not None:
+                out.update({f"{prefix}{name}.{key}": t for key, t in state.tensors().items()})
         return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], chunk_size: int) -> None:
+        """Inverse of :meth:`state_dict` (without its prefix); reads the names of older snapshots too."""
+        tensors = {_legacy_name(name): t for name, t in tensors.items()}
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            group, key = name.split(".", 1)
+            groups.setdefault(group, {})[key] = t
+        if "memory" in groups:
+            self.memory = NeuralMemoryState.from_tensors(groups.pop("memory"), chunk_size)
+        for group, state in groups.items():
+            self.attention = _ATTENTION_STATES[group].from_tensors(state)
+
+
+def _attention_name(state: WindowState | SegmentState | None) -> str:
+    return next((name for name, cls in _ATTENTION_STATES.items() if isinstance(state, cls)), "")
+
+
+def _legacy_name(name: str) -> str:
+    """The current name of a layer's snapshot entry (``snapshot.i`` was MAC's segment-start weights)."""
+    if name.startswith("snapshot."):
+        return "segment.start_weights." + name.split(".", 1)[1]
+    return _LEGACY_NAMES.get(name, name)
 
 
 class TitansCache(Cache):
@@ -174,8 +249,9 @@ class TitansCache(Cache):
             memory_dtype = _memory_dtype(dtype)
             activations, memory = set(), set()
             for layer in self.layers:
-                for name, t in layer.tensors.items():
-                    (memory if _is_memory(name) else activations).add(t.dtype)
+                if layer.attention is not None:
+                    for name, t in _named_tensors(layer.attention):
+                        (memory if name in _MEMORY_FIELDS else activations).add(t.dtype)
                 if layer.memory is not None:
                     memory.update(t.dtype for t in layer.memory.weights)
                     if layer.memory.conv is not None:
@@ -189,24 +265,21 @@ class TitansCache(Cache):
 
     # ------------------------------------------------------------------------------------------------ batch ops
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for layer in self.layers:
-            layer.apply(fn)
-        if self.seen is not None:
-            self.seen = fn(self.seen)
-
+    # The base class runs each operation on every layer; the cache adds its per-sequence token counts.
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        super().reorder_cache(beam_idx)
+        self.seen = None if self.seen is None else self.seen.index_select(0, beam_idx.to(self.seen.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+        super().batch_repeat_interleave(repeats)
+        self.seen = None if self.seen is None else self.seen.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices])
+        super().batch_select_indices(indices)
+        self.seen = None if self.seen is None else self.seen[indices]
 
     def reset(self) -> None:
-        for layer in self.layers:
-            layer.reset()
+        super().reset()
         self.seen = None
         self.common_seen = None
         self.positions_read = 0
@@ -225,20 +298,21 @@ class TitansCache(Cache):
                 layer.memory = layer.memory.to(device=device, dtype=memory_dtype)
                 if conv is not None:  # the conv tail holds activations
                     layer.memory.conv = conv.to(device=device, dtype=dtype)
-            layer.tensors = {
-                name: t.to(
-                    device=device,
-                    dtype=None if not t.is_floating_point() else memory_dtype if _is_memory(name) else dtype,
+            if layer.attention is not None:
+                layer.attention = layer.attention.map_fields(
+                    lambda name, t: t.to(
+                        device=device,
+                        dtype=None if not t.is_floating_point() else memory_dtype if name in _MEMORY_FIELDS else dtype,
+                    )
                 )
-                for name, t in layer.tensors.items()
-            }
         if self.seen is not None:
             self.seen = self.seen.to(device=device)
         return self
 
     def detach(self) -> TitansCache:
         """Cuts the autograd history in place (for truncated back-propagation through a stream)."""
-        self._apply(torch.Tensor.detach)
+        for layer in self.layers:
+            layer.apply(torch.Tensor.detach)
         return self
 
     def copy(self) -> TitansCache:
@@ -251,7 +325,7 @@ class TitansCache(Cache):
         new.common_seen = self.common_seen
         for mine, theirs in zip(self.layers, new.layers):
             theirs.memory = None if mine.memory is None else mine.memory.apply(torch.clone)
-            theirs.tensors = {name: t.clone() for name, t in mine.tensors.items()}
+            theirs.attention = None if mine.attention is None else mine.attention.apply(torch.clone)
         return new
 
     # ------------------------------------------------------------------------------------------------ snapshots
@@ -301,19 +375,18 @@ class TitansCache(Cache):
         for i, layer in enumerate(cache.layers):
             prefix = f"layers.{i}."
             mine = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
-            memory = {name[len("memory.") :]: t for name, t in mine.items() if name.startswith("memory.")}
-            layer.tensors = {name: t for name, t in mine.items() if not name.startswith("memory.")}
-            if memory:
-                layer.memory = NeuralMemoryState.from_tensors(memory, config.memory_chunk_size)
+            layer.load_state_dict(mine, config.memory_chunk_size)
         return cache
 
 
-__all__ = ["TitansCache", "TitansCacheLayer"]
+__all__ = ["SegmentState", "TitansCache", "TitansCacheLayer", "WindowState"]
 
 
-def _is_memory(name: str) -> bool:
-    """Entries of a layer's ``tensors`` that are memory weights (MAC's segment-start snapshot), kept like the state."""
-    return name.startswith("snapshot.")
+def _named_tensors(state: BatchState) -> list[tuple[str, torch.Tensor]]:
+    """``(field name, tensor)`` for every tensor of ``state`` (each item of a list under its field's name)."""
+    named = []
+    state.map_fields(lambda name, t: named.append((name, t)) or t)
+    return named
 
 
 def _memory_dtype(dtype: torch.dtype) -> torch.dtype:

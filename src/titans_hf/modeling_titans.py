@@ -22,8 +22,9 @@ real tokens from each sequence's first one: a left-padded batch gives the same r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +46,9 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .cache_titans import TitansCache
+from .cache_titans import SegmentState, TitansCache, WindowState
 from .configuration_titans import TitansConfig
-from .neural_memory import NeuralMemory, NeuralMemoryState, _where_batch, compaction_order
+from .neural_memory import NeuralMemory, NeuralMemoryState, _select_rows, _where_batch, compaction_order
 
 # --------------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -364,15 +365,16 @@ class TitansAttention(nn.Module):
         x: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         layout: TokenLayout,
-        cache: dict[str, torch.Tensor] | None,
+        state: WindowState | None,
+        use_cache: bool,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, WindowState | None]:
         """Sliding-window attention of the packed block ``x`` over ``[persistent || last window || block]``.
 
-        ``cache`` holds the keys/values of the last ``sliding_window - 1`` real tokens before the block (right
-        aligned). Long blocks are cut in query blocks that each see only their window, so the cost is linear in
-        length. Returns the output, the attention weights (if asked, in packed order, of the last query block)
-        and the new cache entries (``None`` when ``cache`` is ``None``).
+        ``state`` holds the keys/values of the last ``sliding_window - 1`` real tokens before the block (``None``:
+        the start of a stream). Long blocks are cut in query blocks that each see only their window, so the cost is
+        linear in length. Returns the output, the attention weights (if asked, in packed order, of the last query
+        block) and the new state (``None`` without ``use_cache`` or with a window of 1).
         """
         batch, length, _ = x.shape
         window = self.config.sliding_window
@@ -380,8 +382,8 @@ class TitansAttention(nn.Module):
         cos, sin = position_embeddings
         queries = self.queries(x, cos, sin)
         keys, values = self.keys_values(x, cos, sin)
-        if cache is not None and "keys" in cache:
-            past_keys, past_values = cache["keys"], cache["values"]
+        if state is not None:
+            past_keys, past_values = state.keys, state.values
         else:
             past_keys = keys.new_zeros(batch, self.num_key_value_heads, past, self.head_dim)
             past_values = torch.zeros_like(past_keys)
@@ -424,8 +426,8 @@ class TitansAttention(nn.Module):
             out, weights = self.attend(folded_queries, key, value, mask)
             out = out.view(batch, blocks * block, -1)[:, :length]
 
-        new_cache = None
-        if cache is not None and past > 0:
+        new_state = None
+        if use_cache and past > 0:
             # The last `past` real tokens: packed rows end their real tokens at past + counts.
             if layout.all_valid:
                 new_keys, new_values = all_keys[:, :, length:], all_values[:, :, length:]
@@ -433,8 +435,8 @@ class TitansAttention(nn.Module):
                 index = (layout.counts.unsqueeze(1) + torch.arange(past, device=x.device)).view(batch, 1, past, 1)
                 index = index.expand(batch, self.num_key_value_heads, past, self.head_dim)
                 new_keys, new_values = all_keys.gather(2, index), all_values.gather(2, index)
-            new_cache = {"keys": new_keys, "values": new_values}
-        return self.o_proj(out), weights, new_cache
+            new_state = WindowState(new_keys, new_values)
+        return self.o_proj(out), weights, new_state
 
     # ------------------------------------------------------------------------------------------------ MAC
 
@@ -444,23 +446,22 @@ class TitansAttention(nn.Module):
         reads: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         new: torch.Tensor,
-        buffers: dict[str, torch.Tensor] | None,
+        state: SegmentState | None,
         cached: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, SegmentState]:
         """MAC attention of one segment: queries from ``x`` (batch, segment, hidden) in segment slots, keys and
         values from ``[persistent || memory reads || segment]`` (paper eq. 21-22).
 
         ``new`` (batch, segment) marks the slots that hold this call's tokens; ``cached`` the earlier slots of a
-        segment that a previous call started, whose keys and values are in ``buffers``. Returns the output, the
-        weights and the segment's buffers (``x_keys``, ``x_values`` and, with memory reads, ``h_keys``,
-        ``h_values``).
+        segment that a previous call started, whose keys and values are in ``state``. Returns the output, the
+        weights and the segment's keys and values (a :class:`SegmentState` without memory weights).
         """
         queries, fresh = self._segment_projections(x, reads, position_embeddings)
-        if buffers is not None and cached is not None:
+        if state is not None and cached is not None:
             take_new = new.view(new.shape[0], 1, -1, 1)
-            fresh = {name: torch.where(take_new, t, buffers[name]) for name, t in fresh.items()}
+            fresh = _merge_key_values(fresh, state, lambda t, old: torch.where(take_new, t, old))
         valid = new if cached is None else new | cached
-        halves = len(fresh) // 2  # memory reads and tokens, or tokens only
+        halves = len(fresh.key_values()) // 2  # memory reads and tokens, or tokens only
         mask = segment_mask_function(self.num_persistent, x.shape[1], valid.repeat(1, halves))
         out, weights = self._attend_segment(queries, fresh, mask)
         return self.o_proj(out), weights, fresh
@@ -471,41 +472,59 @@ class TitansAttention(nn.Module):
         reads: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         slot: torch.Tensor,
-        buffers: dict[str, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        state: SegmentState | None,
+    ) -> tuple[torch.Tensor, None, SegmentState]:
         """:meth:`forward_segment` for one token per row (decoding), in segment slot ``slot`` (batch,): its keys and
-        values go into that slot of the segment's ``buffers`` (``None``: a segment with no earlier token) and its
-        query attends to the slots up to it. Returns the output (batch, 1, hidden) and the updated buffers."""
+        values go into that slot of the segment's ``state`` (``None``: a segment with no earlier token) and its
+        query attends to the slots up to it. Returns the output (batch, 1, hidden), no weights and the segment's keys
+        and values."""
         segment = self.config.segment_size
         queries, fresh = self._segment_projections(x, reads, position_embeddings)
         here = (torch.arange(segment, device=x.device) == slot.unsqueeze(1)).view(x.shape[0], 1, segment, 1)
-        updated = {}
-        for name, t in fresh.items():
-            old = buffers[name] if buffers is not None else t.new_zeros(*t.shape[:2], segment, t.shape[-1])
-            updated[name] = torch.where(here, t, old)
+        if state is None:
+            state = fresh.apply(lambda t: t.new_zeros(*t.shape[:2], segment, t.shape[-1]))
+        updated = _merge_key_values(fresh, state, lambda t, old: torch.where(here, t, old))
         mask = segment_step_mask_function(self.num_persistent, segment, slot)
         out, _ = self._attend_segment(queries, updated, mask)
-        return self.o_proj(out), updated
+        return self.o_proj(out), None, updated
 
     def _segment_projections(
         self, x: torch.Tensor, reads: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The queries of the segment's tokens, and the keys and values of the tokens (``x_*``) and of their memory
-        reads (``h_*``, at the same positions)."""
+    ) -> tuple[torch.Tensor, SegmentState]:
+        """The queries of the segment's tokens, and the keys and values of the tokens and of their memory reads (at
+        the same positions)."""
         cos, sin = position_embeddings
-        fresh = dict(zip(("x_keys", "x_values"), self.keys_values(x, cos, sin)))
-        if reads is not None:
-            fresh.update(zip(("h_keys", "h_values"), self.keys_values(reads, cos, sin)))
-        return self.queries(x, cos, sin), fresh
+        keys, values = self.keys_values(x, cos, sin)
+        read_keys, read_values = (None, None) if reads is None else self.keys_values(reads, cos, sin)
+        return self.queries(x, cos, sin), SegmentState(keys, values, read_keys, read_values)
 
     def _attend_segment(
-        self, queries: torch.Tensor, buffers: dict[str, torch.Tensor], mask_function: Callable
+        self, queries: torch.Tensor, state: SegmentState, mask_function: Callable
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention over ``[persistent || memory reads || segment]`` (paper eq. 21-22)."""
-        keys = [buffers[name] for name in ("h_keys", "x_keys") if name in buffers]
-        values = [buffers[name] for name in ("h_values", "x_values") if name in buffers]
+        keys = [t for t in (state.read_keys, state.keys) if t is not None]
+        values = [t for t in (state.read_values, state.values) if t is not None]
         key, value = self.with_persistent(torch.cat(keys, dim=2), torch.cat(values, dim=2))
         return self.attend(queries, key, value, mask_function)
+
+
+def _merge_key_values(
+    new: SegmentState, old: SegmentState, select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> SegmentState:
+    """A segment's keys and values taken from ``new`` or ``old`` by ``select(new_tensor, old_tensor)``; the other
+    fields (memory weights, conv tail) from ``old``."""
+    read_keys, read_values = (
+        (None, None)
+        if new.read_keys is None
+        else (select(new.read_keys, old.read_keys), select(new.read_values, old.read_values))
+    )
+    return replace(
+        old,
+        keys=select(new.keys, old.keys),
+        values=select(new.values, old.values),
+        read_keys=read_keys,
+        read_values=read_values,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -567,39 +586,59 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         layer_cache = None if cache is None else cache.layers[self.layer_idx]
-        x = layout.compact(hidden_states)
         memory_state = None if layer_cache is None else layer_cache.memory
-        attention_cache = None if layer_cache is None else layer_cache.tensors
-        weights = None
-
-        if self.variant == "mac":
-            h, weights, memory_state, attention_cache = self._memory_as_context(
-                x, position_embeddings, layout, memory_state, attention_cache, output_attentions
-            )
-        else:
-            h = x
-            if self.variant == "mal" and self.memory is not None:
-                memory_out, memory_state = self.memory(self.input_layernorm(h), memory_state, layout.memory_mask)
-                h = h + memory_out
-            if self.attention is None:  # LMM
-                memory_out, memory_state = self.memory(self.input_layernorm(h), memory_state, layout.memory_mask)
-                h = h + memory_out
-            else:
-                norm = self.attention_layernorm or self.input_layernorm
-                normed = norm(h)
-                attention_out, weights, attention_cache = self.attention.forward_window(
-                    normed, position_embeddings, layout, attention_cache, output_attentions
-                )
-                if self.variant == "mag" and self.memory is not None:
-                    memory_out, memory_state = self.memory(normed, memory_state, layout.memory_mask)
-                    attention_out = self.gate(attention_out, memory_out)
-                h = h + attention_out
-
+        attention_state = None if layer_cache is None else layer_cache.attention
+        mixer = {
+            "mac": self._memory_as_context,
+            "mag": self._memory_as_gate,
+            "mal": self._memory_as_layer,
+            "lmm": self._memory_only,
+        }[self.variant]
+        x = layout.compact(hidden_states)
+        h, weights, memory_state, attention_state = mixer(
+            x, position_embeddings, layout, memory_state, attention_state, layer_cache is not None, output_attentions
+        )
         h = h + self.mlp(self.post_attention_layernorm(h))
         if layer_cache is not None:
-            layer_cache.memory = memory_state
-            layer_cache.tensors = attention_cache if attention_cache is not None else {}
+            layer_cache.memory, layer_cache.attention = memory_state, attention_state
         return layout.restore(h, hidden_states), weights
+
+    # Each variant maps the packed block ``x`` and the layer's states to ``(x + mixed, attention weights, memory
+    # state, attention state)``; the states are ``None`` where the layer has none or nothing was read yet.
+
+    def _memory_only(
+        self, x, position_embeddings, layout, memory_state, attention_state, use_cache, output_attentions
+    ) -> tuple[torch.Tensor, None, NeuralMemoryState, None]:
+        """LMM: ``h = x + M(norm(x))``."""
+        memory_out, memory_state = self.memory(self.input_layernorm(x), memory_state, layout.memory_mask)
+        return x + memory_out, None, memory_state, None
+
+    def _memory_as_layer(
+        self, x, position_embeddings, layout, memory_state, attention_state, use_cache, output_attentions
+    ) -> tuple[torch.Tensor, torch.Tensor | None, NeuralMemoryState | None, WindowState | None]:
+        """MAL: ``h = x + M(norm(x))``, then ``h + SWA(norm(h))``."""
+        h = x
+        if self.memory is not None:
+            memory_out, memory_state = self.memory(self.input_layernorm(h), memory_state, layout.memory_mask)
+            h = h + memory_out
+        norm = self.attention_layernorm or self.input_layernorm
+        attention_out, weights, attention_state = self.attention.forward_window(
+            norm(h), position_embeddings, layout, attention_state, use_cache, output_attentions
+        )
+        return h + attention_out, weights, memory_state, attention_state
+
+    def _memory_as_gate(
+        self, x, position_embeddings, layout, memory_state, attention_state, use_cache, output_attentions
+    ) -> tuple[torch.Tensor, torch.Tensor | None, NeuralMemoryState | None, WindowState | None]:
+        """MAG: ``h = x + gate(SWA(norm(x)), M(norm(x)))``."""
+        normed = self.input_layernorm(x)
+        attention_out, weights, attention_state = self.attention.forward_window(
+            normed, position_embeddings, layout, attention_state, use_cache, output_attentions
+        )
+        if self.memory is not None:
+            memory_out, memory_state = self.memory(normed, memory_state, layout.memory_mask)
+            attention_out = self.gate(attention_out, memory_out)
+        return x + attention_out, weights, memory_state, attention_state
 
     def _memory_as_context(
         self,
@@ -607,27 +646,130 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         layout: TokenLayout,
         memory_state: NeuralMemoryState | None,
-        attention_cache: dict[str, torch.Tensor] | None,
+        segment_state: SegmentState | None,
+        use_cache: bool,
         output_attentions: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, NeuralMemoryState | None, dict[str, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, NeuralMemoryState | None, SegmentState | None]:
         """MAC, segment by segment (paper §4.1, eq. 21-25), for packed tokens at per-sequence positions.
 
         Each row's tokens are placed in segment slots (a row whose previous call stopped inside a segment starts at
-        that slot, after the cached tokens), so that all rows run their segments together. For a segment:
-        ``h = M*(q(x))`` with the weights from the start of the segment (read-only), ``y`` = attention over
-        ``[persistent || h || x]``, the memory is written with the segment's normed input (or with ``norm(y)``, see
-        ``mac_memory_input``) and read back causally, ``o = gate(y, M(.))``.
+        that slot, after the cached tokens), so that all rows run their segments together through :meth:`_segment`.
+        A decoding step (one real token per row, with a cache) skips the slot frame: its token is slot
+        ``seen % segment`` of its row's segment.
         """
-        segment = self.config.segment_size
-        batch, length, hidden = x.shape
-        device = x.device
-        use_cache = attention_cache is not None
-        if use_cache and length == 1 and layout.all_valid and not output_attentions:
-            h, memory_state, attention_cache = self._memory_as_context_step(
-                x, position_embeddings, layout, memory_state, attention_cache
+        if use_cache and x.shape[1] == 1 and layout.all_valid and not output_attentions:
+            slot = layout.seen % self.config.segment_size
+            attend = functools.partial(
+                self.attention.forward_segment_step,
+                position_embeddings=position_embeddings,
+                slot=slot,
+                state=segment_state,
             )
-            return h, None, memory_state, attention_cache
-        phase = layout.seen % segment  # slots of the current segment filled by earlier calls
+            y, _, memory_state, segment_state = self._segment(
+                self.input_layernorm(x), slice(None), attend, memory_state, segment_state, slot > 0, True, 1, None
+            )
+            return x + y, None, memory_state, segment_state
+
+        frame = _SegmentFrame.build(layout, self.config.segment_size, x.shape[1])
+        normed = frame.to_slots(self.input_layernorm(x))
+        cos, sin = (frame.to_slots(t) for t in position_embeddings)
+        outputs, all_weights = [], []
+        for r in range(frame.rounds):
+            part = frame.part(r)
+            new = frame.new[:, part]
+            real, memory_mask = frame.real(r)
+            attend = functools.partial(
+                self.attention.forward_segment,
+                position_embeddings=(cos[:, part], sin[:, part]),
+                new=new,
+                state=segment_state,
+                cached=frame.cached if r == 0 else None,
+            )
+            continuing = frame.phase > 0 if r == 0 else None
+            y, weights, memory_state, segment_state = self._segment(
+                normed, part, attend, memory_state, segment_state, continuing, new.any(dim=1), real, memory_mask
+            )
+            outputs.append(y)
+            if output_attentions:
+                all_weights.append(weights)
+        out = frame.from_slots(torch.cat(outputs, dim=1))
+        weights = torch.cat(all_weights, dim=2) if output_attentions else None
+        return x + out, weights, memory_state, segment_state if use_cache else None
+
+    def _segment(
+        self,
+        slots: torch.Tensor,
+        part: slice,
+        attend: Callable[..., tuple[torch.Tensor, torch.Tensor | None, SegmentState]],
+        memory_state: NeuralMemoryState | None,
+        segment_state: SegmentState | None,
+        continuing: torch.Tensor | None,
+        active: torch.Tensor | bool,
+        real: int,
+        memory_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, NeuralMemoryState | None, SegmentState]:
+        """One MAC segment (eq. 21-25): the normed tokens in segment slots ``slots[:, part]`` (batch, segment, hidden).
+
+        ``h = M*(q(x))`` with the weights from the start of the segment (read-only; rows ``continuing`` a segment
+        started by an earlier call read with the cached start weights), ``y = attend(x, h)`` over ``[persistent || h
+        || x]``, the memory written with ``x`` (or ``norm(y)``, see ``mac_memory_input``) and read back,
+        ``o = gate(y, M(.))``. The memory sees the first ``real`` slots under ``memory_mask`` (``None``: all real);
+        rows not ``active`` (no token in the segment) keep their segment state.
+        """
+        # (Sliced at each use: the backward then adds the three gradients of the segment in one fixed order.)
+        segment = slots[:, part].shape[1]
+        reads = start_weights = None
+        read_conv = None if segment_state is None else segment_state.read_conv
+        if self.memory is not None:
+            if memory_state is None:
+                memory_state = self.memory.initial_state(
+                    slots.shape[0], slots.device, self.memory.compute_dtype(slots)
+                )
+            start_weights = memory_state.weights
+            cached_weights = None if segment_state is None else segment_state.start_weights
+            if continuing is not None and cached_weights is not None:
+                start_weights = [_where_batch(continuing, s, w) for s, w in zip(cached_weights, start_weights)]
+            reads, read_conv = self.memory.retrieve(slots[:, part][:, :real], start_weights, read_conv, memory_mask)
+            reads = _pad_slots(reads, segment)
+            if segment_state is not None and segment_state.start_weights is not None:
+                start_weights = _select_rows(active, start_weights, segment_state.start_weights)
+        y, weights, key_values = attend(slots[:, part], reads)
+        if segment_state is not None:
+            key_values = _merge_key_values(key_values, segment_state, lambda t, old: _where_batch(active, t, old))
+        segment_state = replace(key_values, start_weights=start_weights, read_conv=read_conv)
+        if self.memory is not None:
+            written = slots[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)
+            memory_out, memory_state = self.memory(written[:, :real], memory_state, memory_mask)
+            y = self.gate(y, _pad_slots(memory_out, segment))
+        return y, weights, memory_state, segment_state
+
+
+def _pad_slots(x: torch.Tensor, slots: int) -> torch.Tensor:
+    """Zero rows after the real ones, up to ``slots`` (dimension 1)."""
+    return F.pad(x, (0, 0, 0, slots - x.shape[1]))
+
+
+@dataclass
+class _SegmentFrame:
+    """Where each packed token of a MAC block sits in segment slots: row ``b``'s token ``j`` in slot ``phase_b + j``
+    (``phase``: slots of the row's current segment filled by earlier calls), over ``rounds`` segments.
+
+    ``aligned`` (every row at a segment start, every token real; known on the host) makes the frame the identity
+    padded to whole segments, and lets the memory see just the real slots without a mask.
+    """
+
+    phase: torch.Tensor
+    token: torch.Tensor
+    new: torch.Tensor
+    cached: torch.Tensor
+    rounds: int
+    segment: int
+    length: int
+    aligned: bool
+
+    @classmethod
+    def build(cls, layout: TokenLayout, segment: int, length: int) -> _SegmentFrame:
+        phase = layout.seen % segment
         if layout.common_seen is not None and layout.all_valid:  # from shapes, on the host
             span = layout.common_seen % segment + length
             aligned = layout.common_seen % segment == 0
@@ -635,115 +777,37 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             span = int((phase + layout.counts).max())
             aligned = bool((phase == 0).all()) and layout.all_valid
         rounds = max(1, -(-span // segment))
-        slots = torch.arange(rounds * segment, device=device)
+        slots = torch.arange(rounds * segment, device=phase.device)
         token = slots.unsqueeze(0) - phase.unsqueeze(1)  # packed token held by each slot
         new = (token >= 0) & (token < layout.counts.unsqueeze(1))
+        cached = torch.arange(segment, device=phase.device).unsqueeze(0) < phase.unsqueeze(1)
+        return cls(phase, token, new, cached, rounds, segment, length, aligned)
 
-        def to_slots(t: torch.Tensor) -> torch.Tensor:
-            if aligned:
-                return F.pad(t, (0, 0, 0, rounds * segment - length))
-            index = token.clamp(0, length - 1).view(batch, -1, 1).expand(-1, -1, t.shape[-1])
-            return t.gather(1, index)
+    def part(self, r: int) -> slice:
+        return slice(r * self.segment, (r + 1) * self.segment)
 
-        normed = to_slots(self.input_layernorm(x))
-        cos, sin = (to_slots(t) for t in position_embeddings)
+    def real(self, r: int) -> tuple[int, torch.Tensor | None]:
+        """The slots of segment ``r`` the memory reads and writes, and their mask: aligned rows are real up to a
+        host-known slot (no mask, nothing to read from the device); otherwise the mask of new tokens."""
+        if self.aligned:
+            return min(self.segment, self.length - r * self.segment), None
+        return self.segment, self.new[:, self.part(r)]
 
-        cache = attention_cache if use_cache else {}
-        buffers = {name: cache[name] for name in ("x_keys", "x_values", "h_keys", "h_values") if name in cache} or None
-        snapshot = [
-            cache[f"snapshot.{i}"] for i in range(self.config.memory_depth) if f"snapshot.{i}" in cache
-        ] or None
-        read_conv = cache.get("read_conv")
-        outputs, all_weights = [], []
-        for r in range(rounds):
-            part = slice(r * segment, (r + 1) * segment)
-            new_r = new[:, part]
-            active = new_r.any(dim=1)  # rows with tokens in this segment
-            cached = (torch.arange(segment, device=device).unsqueeze(0) < phase.unsqueeze(1)) if r == 0 else None
-            # Aligned rows are real up to a host-known slot: the memory reads and writes just those (no mask, so
-            # nothing to read from the device); otherwise the mask of new tokens.
-            real_r, memory_mask = (min(segment, length - r * segment), None) if aligned else (segment, new_r)
-            reads = None
-            if self.memory is not None:
-                if memory_state is None:
-                    memory_state = self.memory.initial_state(batch, device, self.memory.compute_dtype(x))
-                start_weights = memory_state.weights
-                if r == 0 and snapshot is not None:  # rows in the middle of a segment read with its start weights
-                    continuing = phase > 0
-                    start_weights = [_where_batch(continuing, s, w) for s, w in zip(snapshot, start_weights)]
-                reads, read_conv = self.memory.retrieve(
-                    normed[:, part][:, :real_r], start_weights, read_conv, memory_mask
-                )
-                reads = F.pad(reads, (0, 0, 0, segment - real_r))
-                snapshot = (
-                    start_weights
-                    if snapshot is None
-                    else [_where_batch(active, w, s) for w, s in zip(start_weights, snapshot)]
-                )
-            y, weights, fresh = self.attention.forward_segment(
-                normed[:, part], reads, (cos[:, part], sin[:, part]), new_r, buffers, cached
-            )
-            buffers = (
-                fresh
-                if buffers is None
-                else {name: _where_batch(active, fresh[name], buffers[name]) for name in fresh}
-            )
-            if self.memory is not None:
-                written = normed[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)
-                memory_out, memory_state = self.memory(written[:, :real_r], memory_state, memory_mask)
-                y = self.gate(y, F.pad(memory_out, (0, 0, 0, segment - real_r)))
-            outputs.append(y)
-            if output_attentions:
-                all_weights.append(weights)
+    def to_slots(self, t: torch.Tensor) -> torch.Tensor:
+        """(batch, length, ...) packed tokens -> (batch, rounds * segment, ...) slots."""
+        if self.aligned:
+            return F.pad(t, (0, 0, 0, self.rounds * self.segment - self.length))
+        index = self.token.clamp(0, self.length - 1).view(t.shape[0], -1, 1).expand(-1, -1, t.shape[-1])
+        return t.gather(1, index)
 
-        out = torch.cat(outputs, dim=1)
-        if aligned:
-            out = out[:, :length]
-        else:
-            # Pads (packed after the real tokens) may point past the last segment: any slot does (restored later).
-            index = (torch.arange(length, device=device).unsqueeze(0) + phase.unsqueeze(1)).clamp(max=out.shape[1] - 1)
-            out = out.gather(1, index.view(batch, length, 1).expand(-1, -1, hidden))
-        if use_cache:
-            attention_cache = dict(buffers)
-            if snapshot is not None:
-                attention_cache.update({f"snapshot.{i}": w for i, w in enumerate(snapshot)})
-            if read_conv is not None:
-                attention_cache["read_conv"] = read_conv
-        weights = torch.cat(all_weights, dim=2) if output_attentions else None
-        return x + out, weights, memory_state, attention_cache
-
-    def _memory_as_context_step(
-        self,
-        x: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        layout: TokenLayout,
-        memory_state: NeuralMemoryState | None,
-        cache: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, NeuralMemoryState | None, dict[str, torch.Tensor]]:
-        """:meth:`_memory_as_context` for one real token per row with a cache (decoding), without the segment-wide
-        slot frame: the token is slot ``seen % segment`` of its row's segment, whose earlier slots are cached."""
-        slot = layout.seen % self.config.segment_size
-        normed = self.input_layernorm(x)
-        new_cache = {}
-        reads = None
-        if self.memory is not None:
-            if memory_state is None:
-                memory_state = self.memory.initial_state(x.shape[0], x.device, self.memory.compute_dtype(x))
-            start_weights = memory_state.weights  # a row that starts a segment reads with the current weights
-            snapshot = [cache.get(f"snapshot.{i}") for i in range(self.config.memory_depth)]
-            if all(s is not None for s in snapshot):
-                start_weights = [_where_batch(slot > 0, s, w) for s, w in zip(snapshot, start_weights)]
-            reads, read_conv = self.memory.retrieve(normed, start_weights, cache.get("read_conv"))
-            new_cache.update({f"snapshot.{i}": w for i, w in enumerate(start_weights)})
-            if read_conv is not None:
-                new_cache["read_conv"] = read_conv
-        buffers = {name: cache[name] for name in ("x_keys", "x_values", "h_keys", "h_values") if name in cache}
-        y, buffers = self.attention.forward_segment_step(normed, reads, position_embeddings, slot, buffers or None)
-        if self.memory is not None:
-            written = normed if self.memory_layernorm is None else self.memory_layernorm(y)
-            memory_out, memory_state = self.memory(written, memory_state)
-            y = self.gate(y, memory_out)
-        return x + y, memory_state, {**buffers, **new_cache}
+    def from_slots(self, out: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_slots`."""
+        if self.aligned:
+            return out[:, : self.length]
+        # Pads (packed after the real tokens) may point past the last segment: any slot does (restored later).
+        steps = torch.arange(self.length, device=out.device).unsqueeze(0)
+        index = (steps + self.phase.unsqueeze(1)).clamp(max=out.shape[1] - 1)
+        return out.gather(1, index.view(out.shape[0], self.length, 1).expand(-1, -1, out.shape[-1]))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "BatchState",
     "ChunkCoefficients",
     "ChunkFunction",
     "NeuralMemory",
@@ -565,8 +566,77 @@ def _baddbmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class BatchState:
+    """Methods of the dataclasses that hold per-sequence state (the memory's, the attention caches').
+
+    Every tensor field has the batch as its first dimension (a field may also be a list of tensors, or ``None``), so
+    the state can be detached, moved, indexed and reordered like one tensor (:meth:`apply`) and written to
+    safetensors as a flat dict (:meth:`tensors`, :meth:`from_tensors`). Fields that are not tensors are settings
+    (``chunk_size``) or host-side bookkeeping and pass through unchanged.
+    """
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        """A new state with ``fn`` applied to every tensor (lists element-wise; ``None`` stays ``None``)."""
+        return self.map_fields(lambda name, t: fn(t))
+
+    def map_fields(self, fn: Callable[[str, torch.Tensor], torch.Tensor]):
+        """:meth:`apply` with a function that also sees the field's name."""
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                value = [fn(field.name, t) for t in value]
+            elif isinstance(value, torch.Tensor):
+                value = fn(field.name, value)
+            values[field.name] = value
+        return type(self)(**values)
+
+    def detach(self):
+        return self.apply(torch.Tensor.detach)
+
+    def index_select(self, indices: torch.Tensor):
+        """Selects or reorders sequences along the batch (beam search, dropping finished rows)."""
+        return self.apply(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def __getitem__(self, indices):
+        if isinstance(indices, int):
+            indices = slice(indices, indices + 1)
+        return self.apply(lambda t: t[indices])
+
+    def repeat_interleave(self, repeats: int):
+        return self.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as a flat ``{name: tensor}`` dict (``name.i`` for the items of a list), e.g. for safetensors."""
+        out = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                out.update({f"{field.name}.{i}": t for i, t in enumerate(value)})
+            elif isinstance(value, torch.Tensor):
+                out[field.name] = value
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], **settings):
+        """Inverse of :meth:`tensors`; ``settings`` gives the fields that are not tensors."""
+        values = dict(settings)
+        for field in fields(cls):
+            if field.name in settings:
+                continue
+            listed = sorted(
+                (int(k.rsplit(".", 1)[1]), t) for k, t in tensors.items() if k.startswith(f"{field.name}.")
+            )
+            values[field.name] = [t for _, t in listed] if listed else tensors.get(field.name)
+        return cls(**values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
 @dataclass
-class NeuralMemoryState:
+class NeuralMemoryState(BatchState):
     """Everything the memory needs to continue a stream exactly, for a batch of independent sequences.
 
     Attributes:
@@ -589,8 +659,7 @@ class NeuralMemoryState:
             is known without reading the device (a stream of unpadded calls), else ``None``. The chunk schedule then
             follows from shapes: no host synchronisation.
 
-    Every tensor has the batch as its first dimension, so the state can be detached, moved, indexed and reordered
-    like one tensor (see :meth:`apply`). Its size does not depend on how many tokens were read.
+    Its size does not depend on how many tokens were read.
     """
 
     weights: list[torch.Tensor]
@@ -603,70 +672,20 @@ class NeuralMemoryState:
     chunk_size: int
     common_seen: int | None = None
 
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NeuralMemoryState:
-        """A new state with ``fn`` applied to every tensor (lists element-wise; ``None`` stays ``None``)."""
-        values = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, list):
-                value = [fn(t) for t in value]
-            elif isinstance(value, torch.Tensor):
-                value = fn(value)
-            values[field.name] = value
-        return NeuralMemoryState(**values)
-
-    def detach(self) -> NeuralMemoryState:
-        return self.apply(torch.Tensor.detach)
-
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NeuralMemoryState:
         """Moves every tensor to ``device``; ``dtype`` (if given) applies to the floating-point tensors only."""
         return self.apply(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
-    def index_select(self, indices: torch.Tensor) -> NeuralMemoryState:
-        """Selects or reorders sequences along the batch (beam search, dropping finished rows)."""
-        return self.apply(lambda t: t.index_select(0, indices.to(t.device)))
-
-    def __getitem__(self, indices) -> NeuralMemoryState:
-        if isinstance(indices, int):
-            indices = slice(indices, indices + 1)
-        return self.apply(lambda t: t[indices])
-
-    def repeat_interleave(self, repeats: int) -> NeuralMemoryState:
-        return self.apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The state as a flat ``{name: tensor}`` dict (e.g. for safetensors)."""
-        out = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, list):
-                out.update({f"{field.name}.{i}": t for i, t in enumerate(value)})
-            elif isinstance(value, torch.Tensor):
-                out[field.name] = value
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], chunk_size: int) -> NeuralMemoryState:
         """Inverse of :meth:`tensors`."""
-        values = {"chunk_size": chunk_size}
-        for field in fields(cls):
-            if field.name in ("chunk_size", "common_seen"):
-                continue
-            listed = sorted(
-                (int(k.rsplit(".", 1)[1]), t) for k, t in tensors.items() if k.startswith(f"{field.name}.")
-            )
-            values[field.name] = [t for _, t in listed] if listed else tensors.get(field.name)
-        seen = values["seen"]  # read once, on loading: every sequence at the same place restores the host schedule
-        values["common_seen"] = int(seen[0]) if seen.numel() and bool((seen == seen[0]).all()) else None
-        return cls(**values)
+        seen = tensors["seen"]  # read once, on loading: every sequence at the same place restores the host schedule
+        common_seen = int(seen[0]) if seen.numel() and bool((seen == seen[0]).all()) else None
+        return super().from_tensors(tensors, chunk_size=chunk_size, common_seen=common_seen)
 
     @property
     def batch_size(self) -> int:
         return self.seen.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
 # --------------------------------------------------------------------------------------------------------------------
