@@ -22,7 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from titans_hf.neural_memory import NeuralMemory, memory_mlp  # noqa: E402
+from titans_hf.memory_ops import memory_mlp  # noqa: E402
+from titans_hf.neural_memory import NeuralMemory  # noqa: E402
 
 
 def build(dim: int, heads: int, depth: int, chunk: int, max_lr: float | None) -> NeuralMemory:

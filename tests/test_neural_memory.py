@@ -12,14 +12,8 @@ import torch.nn.functional as F
 from reference_memory import reference_forward
 from torch.func import functional_call
 
-from titans_hf.neural_memory import (
-    CausalConvSiLU,
-    ChunkCoefficients,
-    ChunkFunction,
-    NeuralMemory,
-    NeuralMemoryState,
-    chunk_forward,
-)
+from titans_hf.memory_ops import CausalConvSiLU, ChunkCoefficients, ChunkFunction, chunk_forward
+from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
 
 
 def fields_of(obj) -> list:

@@ -1,0 +1,553 @@
+# Copyright 2026 The titans-hf developers. Licensed under the Apache License, Version 2.0.
+"""The neural memory's tensor operations, as plain functions (the module, its gates and its state are in
+``neural_memory.py``).
+
+- :func:`memory_mlp`: the memory ``M_W(z)``; :func:`memory_errors`: its inner backward by hand (eq. 12);
+  :func:`step_curvature`: the normalised step of a token.
+- :class:`ChunkCoefficients`: the scalars of the chunked closed form, from the gates (``segsum`` of log gates).
+- :func:`chunk_forward`: a run of tokens of one chunk in closed form (reads, carried state), plain differentiable
+  torch and the reference for :func:`chunk_backward`, the hand-written backward in three phases, which
+  :class:`ChunkFunction` runs; :func:`chunk_update` picks between them.
+- :class:`CausalConvSiLU`: the causal depthwise convolution of q, k, v.
+
+The math is in ``docs/design.md`` §2-3. A flat sibling of ``modeling_titans.py`` that imports nothing from the package,
+so that it travels with saved checkpoints for ``trust_remote_code`` loading.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CausalConvSiLU",
+    "ChunkCoefficients",
+    "ChunkFunction",
+    "chunk_backward",
+    "chunk_forward",
+    "chunk_update",
+    "memory_errors",
+    "memory_mlp",
+    "segsum",
+    "step_curvature",
+]
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """Segment sums of ``x`` (..., C): ``out[..., i, j] = sum_{j < t <= i} x_t`` for ``j <= i`` and ``-inf`` above.
+
+    Computed with a masked cumulative sum rather than a difference of cumulative sums, so that ratios of long products
+    keep full precision; the upper triangle is ``-inf`` *before* any ``exp`` (``0 * inf`` would be ``nan`` in backward).
+    """
+    size = x.shape[-1]
+    above_diagonal, on_or_above_diagonal = _triangles(size, x.device)
+    terms = x.unsqueeze(-1).expand(*x.shape, size).masked_fill(on_or_above_diagonal, 0.0)  # [.., t, j] = x_t if t > j
+    return terms.cumsum(dim=-2).masked_fill(above_diagonal, -math.inf)
+
+
+@functools.lru_cache(maxsize=32)
+def _triangles(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks of the strict upper triangle and of the upper triangle with the diagonal (built once)."""
+    upper = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+    return upper, upper | torch.eye(size, dtype=torch.bool, device=device)
+
+
+def memory_mlp(weights: list[torch.Tensor], z: torch.Tensor, residual: bool) -> torch.Tensor:
+    """Plain forward of the memory ``M_W(z)``: ``z W_1 -> GELU -> ... -> W_L`` (+ ``z`` when ``residual``).
+
+    ``weights[l]`` is (batch, heads, d_in, d_out) and ``z`` (batch, heads, length, d).
+    """
+    a = z
+    for layer, w in enumerate(weights):
+        a = a @ w
+        if layer < len(weights) - 1:
+            a = F.gelu(a)
+    return a + z if residual else a
+
+
+def memory_errors(
+    weights: list[torch.Tensor], keys: torch.Tensor, targets: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Inner backward of ``l = ||M_W(k) - v||^2`` (eq. 12) at fixed ``W``, written by hand.
+
+    ``targets`` is what the MLP part of the memory must produce: ``v``, or ``v - k`` for the residual memory
+    ``M(k) = k + MLP(k)``. With ``abar_0 = k``, ``pbar_l = abar_l W_l`` and ``abar_{l+1} = GELU(pbar_l)``, returns:
+
+    - ``inputs``: ``abar_l``, the input of every layer;
+    - ``pre_activations``: ``pbar_l`` of every layer but the last;
+    - ``errors``: ``e_l = delta_{l+1} W_{l+1}^T`` of every layer but the last;
+    - ``deltas``: ``delta_l`` (half the loss gradient with respect to ``pbar_l``), so that the per-token gradient of
+      layer ``l`` is the rank-one ``2 abar_l^T delta_l``.
+    """
+    inputs, pre_activations = [keys], []
+    a = keys
+    for layer, w in enumerate(weights):
+        p = a @ w
+        if layer < len(weights) - 1:
+            pre_activations.append(p)
+            a = F.gelu(p)
+            inputs.append(a)
+    delta = p - targets
+    deltas, errors = [delta], []
+    for layer in range(len(weights) - 1, 0, -1):
+        error = delta @ weights[layer].transpose(-1, -2)
+        delta = torch.ops.aten.gelu_backward(error, pre_activations[layer - 1])
+        errors.append(error)
+        deltas.append(delta)
+    return inputs, pre_activations, errors[::-1], deltas[::-1]
+
+
+def step_curvature(inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> torch.Tensor:
+    """How far a token's own gradient step moves its own read along its error, per unit of learning rate (the
+    normalised-LMS denominator, for any depth): with ``u = delta_last`` the error of the read,
+
+        kappa = max(1, sum_l |abar_l|^2 |delta_l|^2 / |u|^2)
+
+    (``sum_l |abar_l|^2 |delta_l|^2`` is the squared norm of the token's gradient over all layers, over 4). A step
+    ``theta / kappa`` changes ``M(k)`` along ``u`` by at most ``2 theta |u|`` (linearised) however large the memory's
+    weights have grown; for a depth-1 memory with unit keys ``kappa = 1``. Differentiable (the outer gradient is
+    exact); it depends on the error's direction only. Shape: the tokens' (..., C)."""
+    error = deltas[-1].pow(2).sum(-1)
+    total = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in zip(inputs, deltas))
+    return (total / error.clamp(min=torch.finfo(error.dtype).tiny)).clamp(min=1.0)
+
+
+@dataclass
+class ChunkCoefficients:
+    """The scalars of the closed form for one run of tokens inside a chunk (leading dims: batch, heads).
+
+    Notation (per head, local to the run): ``r = 1 - alpha``, ``beta_i = prod_{l<=i} r_l``, ``m_i = prod_{l<=i} eta_l``,
+    ``f_i = sum_{l<=i} (beta_i/beta_l) m_l``, the write step ``g_j = (1 - eta_j) theta_j / kappa_j`` and the budget scale
+    ``n_i = max(1, (lr_before + sum_{l<=i} theta_l) / max_lr)``. With ``u_j = abar_j^T delta_j`` (half the loss gradient
+    of token ``j`` at the chunk's start weights), the chunk's own update at token ``i`` is
+    ``-(2 / n_i) sum_j G_ij u_j`` with ``G_ij = g_j sum_{l=j..i} (beta_i/beta_l)(m_l/m_j)`` (``j <= i``).
+
+    The state of a memory layer is a stack of slots acting like one matrix each. A run from a chunk boundary acts on
+    ``[D; S]`` (deviation of the fast weights from ``W_0`` and momentum; ``[D]`` without momentum). A run that
+    continues a chunk also carries ``[A; B]``, the part of ``D`` and ``S`` written by the chunk's earlier tokens
+    (kept apart because the budget scale of a later token rescales it: ``A`` is multiplied by ``n_p / n_i``).
+
+    - ``read`` (..., C, s): the weights of the slots in ``D_i`` (token ``i`` reads ``W_0 + D_i``);
+    - ``gain`` (..., C, C): ``-2 G_ij / n_i``;
+    - ``write`` (..., C, s): the weights of ``u_j`` in every slot after the run's last token;
+    - ``transition`` (..., s, s): the slots after the run's last token as a combination of the slots before it.
+    """
+
+    read: torch.Tensor
+    gain: torch.Tensor
+    write: torch.Tensor
+    transition: torch.Tensor
+
+    @classmethod
+    def from_gates(
+        cls,
+        lr: torch.Tensor,
+        log_momentum: torch.Tensor | None,
+        log_retention: torch.Tensor,
+        max_lr: float,
+        last: torch.Tensor | None = None,
+        lr_before: torch.Tensor | None = None,
+        curvature: torch.Tensor | None = None,
+    ) -> ChunkCoefficients:
+        """From per-token gates ``theta``, ``log eta``, ``log r`` (..., C), as exp of segment sums of logs.
+
+        ``curvature`` (..., C): each token's :func:`step_curvature` ``kappa``; its step is ``theta / kappa`` (default
+        1), while the budget ``n`` counts ``theta``.
+
+        ``last`` (shape ``lr.shape[:-1]``, int64) is the token after which the state is carried (default: the last
+        slot): slots after it must not move the state (with momentum, ``D_t = r D_{t-1} + S_t`` moves ``D`` even
+        where nothing is written), so a run shorter than its slots is carried from its own last token.
+        ``lr_before`` (shape ``lr.shape[:-1]``): the learning rates of the chunk's tokens before this run, summed; given,
+        the coefficients act on ``[D; S; A; B]`` (a run that continues a chunk, or may stop inside one), else on
+        ``[D; S]`` (a whole chunk from its boundary).
+        """
+        retention_decay = torch.exp(segsum(log_retention))  # beta_i / beta_l for l <= i, else 0
+        beta = torch.exp(torch.cumsum(log_retention, dim=-1))
+        before = 0.0 if lr_before is None else lr_before.unsqueeze(-1)
+        scale = 1.0 / torch.clamp((before + torch.cumsum(lr, dim=-1)) / max_lr, min=1.0)  # 1 / n_i
+        theta = lr if curvature is None else lr / curvature  # the write step of each token
+
+        def at_last(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+            if last is None:
+                return x[..., -1, :] if rows else x[..., -1]
+            if rows:
+                return x.gather(-2, last[..., None, None].expand(*last.shape, 1, x.shape[-1])).squeeze(-2)
+            return x.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+
+        if log_momentum is None:
+            gain = retention_decay * (-2.0 * theta).unsqueeze(-2) * scale.unsqueeze(-1)
+            read, write = beta.unsqueeze(-1), at_last(gain, rows=True).unsqueeze(-1)
+            transition = at_last(beta)[..., None, None]
+        else:
+            step = 2.0 * theta * torch.expm1(log_momentum)  # -2 g_j = -2 (1 - eta_j) theta_j / kappa_j
+            momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
+            m = torch.exp(torch.cumsum(log_momentum, dim=-1))
+            gain = (retention_decay @ momentum_decay) * step.unsqueeze(-2) * scale.unsqueeze(-1)
+            f = (retention_decay @ m.unsqueeze(-1)).squeeze(-1)
+            read = torch.stack([beta, f], dim=-1)
+            write_s = at_last(momentum_decay, rows=True) * step * at_last(scale).unsqueeze(-1)
+            write = torch.stack([at_last(gain, rows=True), write_s], dim=-1)
+            zero = torch.zeros_like(at_last(m))
+            transition = torch.stack(
+                [torch.stack([at_last(beta), at_last(f)], -1), torch.stack([zero, at_last(m)], -1)], dim=-2
+            )
+        if lr_before is None:
+            return cls(read, gain, write, transition)
+        # The chunk's earlier update [A; B] evolves like [D; S] and shrinks by n_p / n_i as the budget fills: on
+        # [D; S; A; B], read [r, (rho - 1) r], transition [[T, (rho_L - 1) T], [0, rho_L T]], write [w, w].
+        rho = torch.clamp(lr_before / max_lr, min=1.0).unsqueeze(-1) * scale  # n_p / n_i
+        rho_last = at_last(rho)[..., None, None]
+        read = torch.cat([read, (rho - 1).unsqueeze(-1) * read], dim=-1)
+        top = torch.cat([transition, (rho_last - 1) * transition], dim=-1)
+        bottom = torch.cat([torch.zeros_like(transition), rho_last * transition], dim=-1)
+        return cls(read, gain, torch.cat([write, write], dim=-1), torch.cat([top, bottom], dim=-2))
+
+
+def chunk_forward(
+    states: list[torch.Tensor],
+    gradient_weights: list[torch.Tensor],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    coefficients: ChunkCoefficients,
+    anchors: list[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
+    """A run of tokens of one chunk in closed form (docs/design.md §3): read every token, carry the state past the last.
+
+    Args:
+        states: the state before the run, per memory layer a stack of slots (batch, heads, s, d_in, d_out): ``[D; S]``
+            (the fast weights' deviation from ``W_0`` and the momentum; ``[D]`` without momentum), followed, for a run
+            that continues a chunk, by the chunk's own update ``[A; B]`` (see :class:`ChunkCoefficients`).
+        gradient_weights: the weights at the chunk's start, where every gradient of the chunk is taken,
+            (batch, heads, d_in, d_out) per layer.
+        queries, keys: (batch, heads, chunk, head_dim).
+        targets: what the memory MLP must map the keys to (see :func:`memory_errors`), (batch, heads, chunk, head_dim).
+        coefficients: the run's :class:`ChunkCoefficients`.
+        anchors: ``W_0`` per layer, (1, heads, d_in, d_out).
+
+    Each layer's per-token gradient is rank one, so the pre-activation of layer ``l`` for query ``i`` is
+    ``a_i W_0 + sum_s read_is a_i state_s + sum_j gain_ij (a_i . abar_j) delta_j`` (``a``: query-side input of the
+    layer, ``abar, delta``: key-side input and error at the chunk's start weights), and no per-token weight is ever
+    formed.
+
+    Plain differentiable torch: autograd through it is the reference for :class:`ChunkFunction`'s hand-written
+    backward. Returns the MLP part of the reads (batch, heads, chunk, head_dim), the state after the run's last
+    token, and the intermediates that backward needs.
+    """
+    c = coefficients
+    inputs, key_pre, errors, deltas = memory_errors(gradient_weights, keys, targets)
+
+    a, query_pre = queries, []
+    for layer, (state, abar, delta) in enumerate(zip(states, inputs, deltas)):
+        scores = (a @ abar.transpose(-1, -2)) * c.gain
+        scaled = (a.unsqueeze(-2) * c.read.unsqueeze(-1)).flatten(-2)  # [read_1 a | read_2 a | ...]
+        p = _baddbmm(scores @ delta, scaled, state.flatten(-3, -2)) + a @ anchors[layer]
+        if layer < len(states) - 1:
+            query_pre.append(p)
+            a = F.gelu(p)
+        else:
+            a = p
+
+    new_states = []
+    for state, abar, delta in zip(states, inputs, deltas):
+        slots, d_in, d_out = state.shape[-3:]
+        carried = (c.transition @ state.flatten(-2)).view_as(state)
+        # [W_C; S_C] += abar^T (write_s * delta), all slots in one matmul: (d_in, C) @ (C, s * d_out).
+        scaled_errors = (delta.unsqueeze(-2) * c.write.unsqueeze(-1)).flatten(-2)
+        written = (abar.transpose(-1, -2) @ scaled_errors).unflatten(-1, (slots, d_out)).transpose(-2, -3)
+        new_states.append(carried + written)
+    return a, new_states, (key_pre, deltas[-1], query_pre)
+
+
+def _gelu_second_derivative(x: torch.Tensor) -> torch.Tensor:
+    """``GELU''(x) = phi(x) (2 - x^2)`` with ``phi`` the standard normal density."""
+    return torch.exp(-0.5 * x * x) * (2.0 - x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+class ChunkFunction(torch.autograd.Function):
+    """:func:`chunk_forward` with a hand-written backward (:func:`chunk_backward`).
+
+    It saves only the chunk's inputs and the queries' pre-activations (recomputing the keys' side, errors and
+    similarities in backward), and fuses what autograd would spread over many small ops: it is equal to autograd through
+    :func:`chunk_forward` (``tests/test_neural_memory.py`` checks it in float64) with about a third of the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, targets, read, gain, write, transition, *weights_and_states):
+        depth = len(weights_and_states) // 3
+        gradient_weights, states = weights_and_states[:depth], weights_and_states[depth : 2 * depth]
+        anchors = weights_and_states[2 * depth :]
+        coefficients = ChunkCoefficients(read, gain, write, transition)
+        reads, new_states, (_, last_delta, query_pre) = chunk_forward(
+            list(states), list(gradient_weights), queries, keys, targets, coefficients, list(anchors)
+        )
+        ctx.depth = depth
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(
+            queries, keys, read, gain, write, transition, last_delta, *weights_and_states, *query_pre
+        )
+        return (reads, *new_states)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_reads, *grad_states):
+        # The forward ran with autocast off (float32 state); so does the backward, even if called inside autocast.
+        device = next((g.device.type for g in (grad_reads, *grad_states) if g is not None), "cpu")
+        depth = ctx.depth
+        queries, keys, read, gain, write, transition, last_delta, *rest = ctx.saved_tensors
+        weights, states = list(rest[:depth]), list(rest[depth : 2 * depth])
+        anchors, query_pre = list(rest[2 * depth : 3 * depth]), list(rest[3 * depth :])
+        with torch.autocast(device_type=device, enabled=False):
+            grads = chunk_backward(
+                ChunkCoefficients(read, gain, write, transition),
+                weights,
+                states,
+                anchors,
+                queries,
+                keys,
+                last_delta,
+                query_pre,
+                grad_reads,
+                list(grad_states),
+            )
+        d_coefficients, d_weights, d_states, d_anchors, d_queries, d_keys, d_targets = grads
+        return (d_queries, d_keys, d_targets, *d_coefficients, *d_weights, *d_states, *d_anchors)
+
+
+@dataclass
+class _KeySide:
+    """The keys' forward and errors at the chunk's start weights (:func:`memory_errors`), recomputed in backward."""
+
+    inputs: list[torch.Tensor]  # abar_l
+    pre_activations: list[torch.Tensor]  # pbar_l, every layer but the last
+    errors: list[torch.Tensor]  # e_l, every layer but the last
+    deltas: list[torch.Tensor]  # delta_l
+
+    @classmethod
+    def recompute(cls, weights: list[torch.Tensor], keys: torch.Tensor, last_delta: torch.Tensor) -> _KeySide:
+        inputs, pre_activations = [keys], []
+        for w in weights[:-1]:
+            pre_activations.append(inputs[-1] @ w)
+            inputs.append(F.gelu(pre_activations[-1]))
+        deltas, errors = [last_delta], []
+        for layer in range(len(weights) - 2, -1, -1):
+            errors.append(deltas[0] @ weights[layer + 1].transpose(-1, -2))
+            deltas.insert(0, torch.ops.aten.gelu_backward(errors[-1], pre_activations[layer]))
+        return cls(inputs, pre_activations, errors[::-1], deltas)
+
+
+def chunk_backward(
+    coefficients: ChunkCoefficients,
+    weights: list[torch.Tensor],
+    states: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    last_delta: torch.Tensor,
+    query_pre: list[torch.Tensor],
+    grad_reads: torch.Tensor | None,
+    grad_states: list[torch.Tensor | None],
+) -> tuple:
+    """The backward of :func:`chunk_forward` by hand, in three phases: the reads (:func:`_backward_reads`), the carried
+    state (:func:`_backward_carry`), and the keys' side (:func:`_backward_key_side`, through the errors and the keys'
+    forward into the gradient weights, keys and targets). Gradients that do not flow are ``None``.
+
+    Returns ``(d_coefficients as (read, gain, write, transition), d_weights, d_states, d_anchors, d_queries, d_keys,
+    d_targets)``.
+    """
+    depth = len(weights)
+    key_side = _KeySide.recompute(weights, keys, last_delta)
+    # Gradients with respect to the keys' side, accumulated over the phases.
+    d_abars: list[torch.Tensor | None] = [None] * depth
+    d_deltas: list[torch.Tensor | None] = [None] * depth
+    d_read, d_gain, d_states, d_anchors, d_queries = _backward_reads(
+        coefficients, states, anchors, queries, query_pre, key_side, grad_reads, d_abars, d_deltas
+    )
+    d_write, d_transition = _backward_carry(coefficients, states, key_side, grad_states, d_states, d_abars, d_deltas)
+    d_weights, d_keys, d_targets = _backward_key_side(weights, key_side, d_abars, d_deltas)
+    d_coefficients = (d_read, d_gain, d_write, d_transition)
+    return d_coefficients, d_weights, d_states, d_anchors, d_queries, d_keys, d_targets
+
+
+def _backward_reads(
+    c: ChunkCoefficients,
+    states: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    queries: torch.Tensor,
+    query_pre: list[torch.Tensor],
+    key_side: _KeySide,
+    grad_reads: torch.Tensor | None,
+    d_abars: list[torch.Tensor | None],
+    d_deltas: list[torch.Tensor | None],
+) -> tuple:
+    """Reads: ``p_l = [read * a_l] @ state_l + (similarity_l * gain) @ delta_l + a_l @ W_0,l``, ``a_{l+1} = GELU(p_l)``.
+
+    Adds into ``d_abars`` and ``d_deltas``; returns ``(d_read, d_gain, d_states, d_anchors, d_queries)``.
+    """
+    depth = len(states)
+    d_states: list[torch.Tensor | None] = [None] * depth
+    d_anchors: list[torch.Tensor | None] = [None] * depth
+    d_read = d_gain = d_queries = None
+    query_inputs = [queries] + [F.gelu(p) for p in query_pre]
+    d_p = grad_reads
+    for layer in reversed(range(depth)):
+        if d_p is None:
+            break
+        state, a, abar = states[layer], query_inputs[layer], key_side.inputs[layer]
+        slots, d_in, d_out = state.shape[-3:]
+        scaled = (a.unsqueeze(-2) * c.read.unsqueeze(-1)).flatten(-2)
+        d_states[layer] = (scaled.transpose(-1, -2) @ d_p).view_as(state)
+        d_scaled = (d_p @ state.flatten(-3, -2).transpose(-1, -2)).unflatten(-1, (slots, d_in))
+        d_read = _accumulate(d_read, (d_scaled * a.unsqueeze(-2)).sum(-1))
+        similarity = a @ abar.transpose(-1, -2)
+        d_scores = d_p @ key_side.deltas[layer].transpose(-1, -2)
+        d_gain = _accumulate(d_gain, d_scores * similarity)
+        d_similarity = d_scores * c.gain
+        d_deltas[layer] = (similarity * c.gain).transpose(-1, -2) @ d_p
+        d_abars[layer] = d_similarity.transpose(-1, -2) @ a
+        d_a = _baddbmm((d_scaled * c.read.unsqueeze(-1)).sum(-2), d_similarity, abar)
+        d_a = d_a + d_p @ anchors[layer].transpose(-1, -2)
+        d_anchors[layer] = (a.transpose(-1, -2) @ d_p).sum(0, keepdim=True)  # W_0 is shared by the batch
+        if layer > 0:
+            d_p = torch.ops.aten.gelu_backward(d_a, query_pre[layer - 1])
+        else:
+            d_queries = d_a
+    return d_read, d_gain, d_states, d_anchors, d_queries
+
+
+def _backward_carry(
+    c: ChunkCoefficients,
+    states: list[torch.Tensor],
+    key_side: _KeySide,
+    grad_states: list[torch.Tensor | None],
+    d_states: list[torch.Tensor | None],
+    d_abars: list[torch.Tensor | None],
+    d_deltas: list[torch.Tensor | None],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Carry: ``new_state = transition @ state + abar^T (write_s * delta)``.
+
+    Adds into ``d_states``, ``d_abars`` and ``d_deltas``; returns ``(d_write, d_transition)``.
+    """
+    d_write = d_transition = None
+    slot_writes = c.write.unsqueeze(-1)  # (..., C, s, 1)
+    for layer, (state, grad) in enumerate(zip(states, grad_states)):
+        if grad is None:
+            continue
+        slots, d_in, d_out = state.shape[-3:]
+        abar, delta = key_side.inputs[layer], key_side.deltas[layer]
+        d_states[layer] = _accumulate(
+            d_states[layer], (c.transition.transpose(-1, -2) @ grad.flatten(-2)).view_as(state)
+        )
+        d_transition = _accumulate(d_transition, grad.flatten(-2) @ state.flatten(-2).transpose(-1, -2))
+        grad_written = grad.transpose(-2, -3).flatten(-2)  # (..., d_in, s * d_out)
+        scaled_errors = (delta.unsqueeze(-2) * slot_writes).flatten(-2)
+        d_abars[layer] = _accumulate(d_abars[layer], scaled_errors @ grad_written.transpose(-1, -2))
+        d_scaled = (abar @ grad_written).unflatten(-1, (slots, d_out))
+        d_deltas[layer] = _accumulate(d_deltas[layer], (d_scaled * slot_writes).sum(-2))
+        d_write = _accumulate(d_write, (d_scaled * delta.unsqueeze(-2)).sum(-1))
+    return d_write, d_transition
+
+
+def _backward_key_side(
+    weights: list[torch.Tensor],
+    key_side: _KeySide,
+    d_abars: list[torch.Tensor | None],
+    d_deltas: list[torch.Tensor | None],
+) -> tuple[list[torch.Tensor | None], torch.Tensor | None, torch.Tensor | None]:
+    """The keys' side: through the errors ``delta_l = GELU'(pbar_l) * e_l``, ``e_l = delta_{l+1} W_{l+1}^T``, and
+    the keys' forward ``delta_{L-1} = pbar_{L-1} - targets``, ``pbar_l = abar_l W_l``, ``abar_{l+1} = GELU(pbar_l)``.
+
+    Returns ``(d_weights, d_keys, d_targets)``: ``d_weights[l]`` is the gradient of the gradient weights ``W_l``.
+    """
+    depth = len(weights)
+    gelu_backward = torch.ops.aten.gelu_backward
+    key_pre, abars = key_side.pre_activations, key_side.inputs
+    d_weights: list[torch.Tensor | None] = [None] * depth
+    d_key_pre: list[torch.Tensor | None] = [None] * (depth - 1)
+    for layer in range(depth - 1):
+        if d_deltas[layer] is None:
+            continue
+        d_error = gelu_backward(d_deltas[layer], key_pre[layer])
+        d_key_pre[layer] = d_deltas[layer] * key_side.errors[layer] * _gelu_second_derivative(key_pre[layer])
+        d_deltas[layer + 1] = _accumulate(d_deltas[layer + 1], d_error @ weights[layer + 1])
+        d_weights[layer + 1] = d_error.transpose(-1, -2) @ key_side.deltas[layer + 1]
+    d_targets = None if d_deltas[-1] is None else -d_deltas[-1]
+    d_pbar = d_deltas[-1]
+    for layer in reversed(range(depth)):
+        if layer < depth - 1:
+            d_pbar = d_key_pre[layer]
+            if d_abars[layer + 1] is not None:
+                d_pbar = _accumulate(d_pbar, gelu_backward(d_abars[layer + 1], key_pre[layer]))
+        if d_pbar is None:
+            continue
+        d_weights[layer] = _accumulate(d_weights[layer], abars[layer].transpose(-1, -2) @ d_pbar)
+        d_abars[layer] = _accumulate(d_abars[layer], d_pbar @ weights[layer].transpose(-1, -2))
+    return d_weights, d_abars[0], d_targets
+
+
+class CausalConvSiLU(torch.autograd.Function):
+    """``SiLU(depthwise causal conv)`` of ``padded`` (batch, kernel - 1 + length, channels) with ``weight``
+    (channels, kernel): ``out_t = SiLU(sum_i weight[:, i] * padded[t + i])``.
+
+    A sum of shifted copies (faster than ``conv1d`` on CPU here); the backward recomputes the convolution instead of
+    saving it and avoids the full-size zero gradients that slicing would create, one per tap.
+    """
+
+    @staticmethod
+    def _conv(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        length = padded.shape[1] - weight.shape[1] + 1
+        out = padded[:, :length] * weight[:, 0]
+        for i in range(1, weight.shape[1]):
+            out.addcmul_(padded[:, i : i + length], weight[:, i])
+        return out
+
+    @staticmethod
+    def forward(ctx, padded, weight):
+        ctx.save_for_backward(padded, weight)
+        return F.silu(CausalConvSiLU._conv(padded, weight))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        padded, weight = ctx.saved_tensors
+        grad = torch.ops.aten.silu_backward(grad, CausalConvSiLU._conv(padded, weight))
+        length = grad.shape[1]
+        d_padded = torch.zeros_like(padded)
+        d_weight = torch.empty_like(weight)
+        for i in range(weight.shape[1]):
+            d_padded[:, i : i + length].addcmul_(grad, weight[:, i])
+            d_weight[:, i] = (grad * padded[:, i : i + length]).sum(dim=(0, 1))
+        return d_padded, d_weight
+
+
+def chunk_update(
+    states: list[torch.Tensor],
+    gradient_weights: list[torch.Tensor],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    coefficients: ChunkCoefficients,
+    anchors: list[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`chunk_forward` without its intermediates, through :class:`ChunkFunction` when gradients are needed."""
+    c = coefficients
+    inputs = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *gradient_weights, *states, *anchors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        reads, *new_states = ChunkFunction.apply(*inputs)
+        return reads, new_states
+    reads, new_states, _ = chunk_forward(states, gradient_weights, queries, keys, targets, c, anchors)
+    return reads, new_states
+
+
+def _baddbmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` in one call, for (batch, heads, ...) operands."""
+    batch, heads = acc.shape[:2]
+    return torch.baddbmm(acc.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1)).view(batch, heads, *acc.shape[2:])
