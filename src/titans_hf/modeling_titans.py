@@ -48,7 +48,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_titans import SegmentState, TitansCache, WindowState
 from .configuration_titans import TitansConfig
-from .neural_memory import NeuralMemory, NeuralMemoryState, _select_rows, _where_batch, compaction_order
+from .neural_memory import NeuralMemory, NeuralMemoryState, TokenPacking, _select_rows, _where_batch
 
 # --------------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -167,7 +167,7 @@ class TokenLayout:
     """The real tokens of a block, packed to the front of each row for the layers.
 
     Attributes:
-        order: per row, the permutation that moves real tokens first (``None`` when every token is real).
+        packing: the :class:`~neural_memory.TokenPacking` of the block (identity when every token is real).
         counts: real tokens per row (batch,).
         valid: (batch, seq) ``True`` for the packed real tokens (``j < counts``).
         seen: real tokens read before this block, per row (batch,).
@@ -177,7 +177,7 @@ class TokenLayout:
             device (no padding so far), else ``None``: segment and window schedules then follow from shapes.
     """
 
-    order: torch.Tensor | None
+    packing: TokenPacking
     counts: torch.Tensor
     valid: torch.Tensor
     seen: torch.Tensor
@@ -191,40 +191,20 @@ class TokenLayout:
     ) -> TokenLayout:
         device = seen.device
         steps = torch.arange(length, device=device)
-        # A mask of ones is read once per call (the one host synchronisation of a masked call); without a mask
-        # nothing is read.
-        if real is None or bool(real.all()):
+        packing = TokenPacking.of(real)
+        counts = packing.counts
+        if counts is None:
             counts = torch.full((batch,), length, dtype=torch.long, device=device)
-            order = None
-        else:
-            counts = real.sum(dim=1)
-            order = compaction_order(real)
         valid = steps.unsqueeze(0) < counts.unsqueeze(1)
-        return cls(order, counts, valid, seen, seen.unsqueeze(1) + steps, length, common_seen)
+        return cls(packing, counts, valid, seen, seen.unsqueeze(1) + steps, length, common_seen)
 
     @property
     def all_valid(self) -> bool:
-        return self.order is None
+        return self.packing.identity
 
     @property
     def memory_mask(self) -> torch.Tensor | None:
-        return None if self.order is None else self.valid
-
-    def compact(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, ...) in input order -> real tokens first."""
-        if self.order is None:
-            return x
-        index = self.order.view(*self.order.shape, *([1] * (x.dim() - 2))).expand_as(x)
-        return x.gather(1, index)
-
-    def restore(self, packed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`compact`; pad positions keep their value from ``original``."""
-        if self.order is None:
-            return packed
-        keep = self.valid.view(*self.valid.shape, *([1] * (packed.dim() - 2)))
-        packed = torch.where(keep, packed, self.compact(original))
-        index = self.order.view(*self.order.shape, *([1] * (packed.dim() - 2))).expand_as(packed)
-        return torch.empty_like(packed).scatter(1, index, packed)
+        return None if self.packing.identity else self.valid
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -594,14 +574,14 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             "mal": self._memory_as_layer,
             "lmm": self._memory_only,
         }[self.variant]
-        x = layout.compact(hidden_states)
+        x = layout.packing.pack(hidden_states)
         h, weights, memory_state, attention_state = mixer(
             x, position_embeddings, layout, memory_state, attention_state, layer_cache is not None, output_attentions
         )
         h = h + self.mlp(self.post_attention_layernorm(h))
         if layer_cache is not None:
             layer_cache.memory, layer_cache.attention = memory_state, attention_state
-        return layout.restore(h, hidden_states), weights
+        return layout.packing.unpack(h, pads=hidden_states), weights
 
     # Each variant maps the packed block ``x`` and the layer's states to ``(x + mixed, attention weights, memory
     # state, attention state)``; the states are ``None`` where the layer has none or nothing was read yet.
@@ -1092,7 +1072,7 @@ class TitansModel(TitansPreTrainedModel):
                 f"position_ids must have shape (batch, {layout.length}), got {tuple(position_ids.shape)}."
             )
         expected = layout.positions
-        got = layout.compact(position_ids.expand(layout.valid.shape[0], -1))
+        got = layout.packing.pack(position_ids.expand(layout.valid.shape[0], -1))
         torch._assert_async(  # on the device, like the token ids: generate() passes positions at every step
             ((got == expected) | ~layout.valid).all(),
             "position_ids disagree with the positions Titans counts (real tokens since each sequence's first one, "

@@ -34,7 +34,7 @@ from torch import nn
 
 from .memory_ops import CausalConvSiLU, ChunkCoefficients, chunk_update, memory_errors, memory_mlp, step_curvature
 
-__all__ = ["BatchState", "NeuralMemory", "NeuralMemoryState", "compaction_order"]
+__all__ = ["BatchState", "NeuralMemory", "NeuralMemoryState", "TokenPacking", "compaction_order"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -56,32 +56,50 @@ def _gather_time(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor
     return x.gather(dim, index.view(shape).expand(expanded))
 
 
-def _compact(
-    hidden_states: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Moves each sequence's real tokens to the front (pads become zero rows at the end).
+@dataclass
+class TokenPacking:
+    """Each row's real tokens moved to the front in their order (a stable sort), and back: how the layers and the
+    memory work on real tokens alone. ``order`` (batch, seq) and ``counts`` (batch,) are ``None`` when every token
+    is real (then packing is the identity)."""
 
-    Returns ``(x, counts, order)``; ``counts`` and ``order`` are ``None`` when every token is real.
-    """
-    if mask is None or bool(mask.to(torch.bool).all()):
-        return hidden_states, None, None
-    valid = mask.to(torch.bool)
-    order = compaction_order(valid)
-    counts = valid.sum(dim=1)
-    x = _gather_time(hidden_states, order, dim=1)
-    return x.masked_fill(~_real_rows(counts, x.shape[1]).unsqueeze(-1), 0.0), counts, order
+    order: torch.Tensor | None
+    counts: torch.Tensor | None
 
+    @classmethod
+    def of(cls, real: torch.Tensor | None) -> TokenPacking:
+        """From a (batch, seq) mask of real tokens (0/1 or bool; ``None``: all real). A mask of ones is read once
+        (the one host synchronisation of a masked call); without a mask nothing is read."""
+        if real is None or bool(real.to(torch.bool).all()):
+            return cls(None, None)
+        real = real.to(torch.bool)
+        return cls(compaction_order(real), real.sum(dim=1))
 
-def _restore(out: torch.Tensor, counts: torch.Tensor | None, order: torch.Tensor | None) -> torch.Tensor:
-    """Inverse of :func:`_compact`: rows back to their original positions, zeros at pads."""
-    if order is None:
-        return out
-    out = out.masked_fill(~_real_rows(counts, out.shape[1]).unsqueeze(-1), 0.0)
-    return torch.zeros_like(out).scatter(1, order.unsqueeze(-1).expand_as(out), out)
+    @property
+    def identity(self) -> bool:
+        return self.order is None
 
+    def real(self, length: int) -> torch.Tensor:
+        """(batch, length) ``True`` for the packed real tokens (``j < counts``)."""
+        return torch.arange(length, device=self.counts.device).unsqueeze(0) < self.counts.unsqueeze(1)
 
-def _real_rows(counts: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.arange(length, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+    def pack(self, x: torch.Tensor, zero_pads: bool = False) -> torch.Tensor:
+        """(batch, seq, ...) in input order -> real tokens first (pads after them, zeros if ``zero_pads``)."""
+        if self.order is None:
+            return x
+        x = _gather_time(x, self.order, dim=1)
+        return x.masked_fill(~self._real_like(x), 0.0) if zero_pads else x
+
+    def unpack(self, packed: torch.Tensor, pads: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`pack`; pad positions take their value in ``pads`` (input order), or zero."""
+        if self.order is None:
+            return packed
+        fill = torch.zeros((), dtype=packed.dtype, device=packed.device) if pads is None else self.pack(pads)
+        packed = torch.where(self._real_like(packed), packed, fill)
+        index = self.order.view(*self.order.shape, *([1] * (packed.dim() - 2))).expand_as(packed)
+        return torch.empty_like(packed).scatter(1, index, packed)
+
+    def _real_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.real(x.shape[1]).view(*x.shape[:2], *([1] * (x.dim() - 2)))
 
 
 def _pad_time(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -242,6 +260,128 @@ class NeuralMemoryState(BatchState):
     @property
     def batch_size(self) -> int:
         return self.seen.shape[0]
+
+
+@dataclass
+class _ChunkCarry:
+    """The memory's state inside a call, in the form the chunks work on (per layer, batch first)."""
+
+    running: list[torch.Tensor]  # [D; S]: W - W_0 and the momentum, stacked as (batch, heads, slots, d_in, d_out)
+    update: list[torch.Tensor]  # [A; B]: the part of [D; S] written by the current chunk's tokens
+    lr_sum: torch.Tensor  # the learning rates of the current chunk's tokens, summed, (batch, heads)
+    boundary: list[torch.Tensor]  # the weights at the last chunk boundary, where the chunk's gradients are taken
+
+
+@dataclass
+class ChunkSchedule:
+    """How a block's tokens run through the chunks, continuing each sequence from wherever it stopped.
+
+    A sequence that stopped ``phase`` tokens into a chunk first finishes that chunk (its ``C - phase`` next tokens:
+    gradients still at the chunk's start weights, reads and carry from the running state), then runs whole chunks.
+    Slot layout: the first ``first_run`` slots hold each sequence's tokens up to its next boundary (the longest such
+    run, 0 when every sequence is on a boundary; shorter runs end in identity slots), then ``chunks`` chunks of ``C``
+    slots. Identity slots (padding of the layout) have ``theta = 0`` and gates of 1 (zeros of the log gates).
+
+    Attributes:
+        first_run, chunks, size: the layout (host integers).
+        run_counts: real tokens of each run (the first run, then each chunk): host ints when every sequence is at the
+            same place and every token is real (the schedule then follows from shapes, no device read), else (batch,)
+            tensors. The state is carried from the last of them.
+        closes: whether each run reaches a boundary (``bool`` or (batch,) tensors).
+        written: real tokens written per sequence, (batch,).
+        token: (batch, slots) the packed token each slot holds, ``real`` (batch, slots) whether it holds one, and
+            ``slot`` (batch, length) the slot of each token; all ``None`` when the layout is the identity.
+    """
+
+    first_run: int
+    chunks: int
+    size: int
+    length: int
+    run_counts: list[int | torch.Tensor]
+    closes: list[bool | torch.Tensor]
+    written: torch.Tensor
+    token: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
+
+    @classmethod
+    def plan(
+        cls, state: NeuralMemoryState, counts: torch.Tensor | None, length: int, batch: int, device: torch.device
+    ) -> ChunkSchedule | None:
+        """The schedule of a block of ``length`` packed tokens, ``counts`` (batch,) real per sequence (``None``: all);
+        ``None`` when no sequence has a real token."""
+        size = state.chunk_size
+        if counts is None and state.common_seen is not None:
+            # Every sequence is at the same place and every token is real: the schedule follows from shapes, on the
+            # host (no synchronisation), and the layout is the identity.
+            phase = state.common_seen % size
+            first = min(length, (size - phase) % size)  # tokens that finish the current chunk
+            chunks = -(-(length - first) // size)
+            run_counts = [first] + [min(size, length - first - n * size) for n in range(chunks)]
+            closes = [first > 0 and phase + first == size] + [n_in == size for n_in in run_counts[1:]]
+            written = torch.full((batch,), length, device=device, dtype=torch.long)
+            return cls(first, chunks, size, length, run_counts, closes, written)
+        # Padded rows, or rows at different places: the schedule depends on the counts, read from the device.
+        phase = state.seen % size  # tokens already in the current chunk
+        written = counts if counts is not None else torch.full((batch,), length, device=device, dtype=torch.long)
+        first = torch.minimum(written, (size - phase) % size)  # tokens that finish the current chunk
+        first_run = int(first.max())
+        chunks = -(-int((written - first).max()) // size)
+        slots = first_run + chunks * size
+        if slots == 0:
+            return None
+        # Token j of sequence b sits in slot j up to its boundary, then in slot first_run + (j - first_b).
+        steps = torch.arange(slots, device=device).unsqueeze(0)
+        in_first = steps < first.unsqueeze(1)
+        token = torch.where(in_first, steps, steps - first_run + first.unsqueeze(1))
+        real = (in_first | (steps >= first_run)) & (token < written.unsqueeze(1))
+        steps = torch.arange(length, device=device).unsqueeze(0)
+        slot = torch.where(steps < first.unsqueeze(1), steps, steps + first_run - first.unsqueeze(1))
+        slot = slot.clamp(max=slots - 1)  # (pads beyond the real tokens read anything; dropped later)
+        # A run closes its chunk on reaching a boundary: the first when phase + first = C, the others when full.
+        run_counts = [first] + [(written - first - n * size).clamp(0, size) for n in range(chunks)]
+        closes = [(first > 0) & (phase + first == size)] + [n_in == size for n_in in run_counts[1:]]
+        return cls(
+            first_run, chunks, size, length, run_counts, closes, written, token.clamp(0, length - 1), real, slot
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.first_run + self.chunks * self.size
+
+    def to_slots(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A per-token stream (batch, heads, length, ...) laid out in slots; identity slots hold zeros."""
+        if t is None:
+            return None
+        if self.token is None:
+            return _pad_time(t, self.slots)
+        gathered = _gather_time(t.transpose(1, 2), self.token, dim=1).transpose(1, 2)
+        mask = self.real.view(*self.real.shape[:1], 1, self.slots, *([1] * (gathered.dim() - 3)))
+        return torch.where(mask, gathered, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    def split(self, t: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Slots -> the first run, then the chunks, each contiguous (chunk-major: no copy in every matmul; unbind,
+        not slicing, keeps the backward of the split linear in length)."""
+        if t is None:
+            return [None] * (1 + self.chunks)
+        batch, heads = t.shape[:2]
+        rest = t[:, :, self.first_run :].reshape(batch, heads, self.chunks, self.size, *t.shape[3:])
+        chunks = rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous().unbind(0)
+        return [t[:, :, : self.first_run], *chunks]
+
+    def join(self, reads: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`split` for the runs' reads (runs with no slot are absent)."""
+        first, chunks = (reads[0], reads[1:]) if self.first_run else (None, reads)
+        parts = [] if first is None else [first]
+        if chunks:
+            parts.append(torch.stack(chunks).permute(1, 2, 0, 3, 4).flatten(2, 3))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def to_tokens(self, reads: torch.Tensor) -> torch.Tensor:
+        """Slots -> the tokens' order, (batch, heads, length, d)."""
+        if self.slot is None:
+            return reads[:, :, : self.length]
+        return _gather_time(reads.transpose(1, 2), self.slot, dim=1).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -533,7 +673,8 @@ class NeuralMemory(nn.Module):
             state = self.initial_state(batch, hidden_states.device, dtype)
         else:
             self.check_state(state, batch)
-        x, counts, order = _compact(hidden_states, mask)
+        packing = TokenPacking.of(mask)
+        x, counts = packing.pack(hidden_states, zero_pads=True), packing.counts
 
         # Projections, causal conv + SiLU, l2-normalisation (eq. 11), gates (eq. 13-14).
         features, conv_tail = self.causal_conv(self.qkv_proj(x), state.conv, self.conv_weight, counts)
@@ -555,7 +696,7 @@ class NeuralMemory(nn.Module):
                 log_retention = self.log_retention(gate_x).to(dtype).transpose(1, 2)
                 reads, new_state = self._read_write(state, q, k, v, lr, log_momentum, log_retention, counts, length)
                 new_state.conv = conv_tail
-        return _restore(self.output(reads, x), counts, order), new_state
+        return packing.unpack(self.output(reads, x)), new_state
 
     def _read_write(
         self,
@@ -569,141 +710,123 @@ class NeuralMemory(nn.Module):
         counts: torch.Tensor | None,
         length: int,
     ) -> tuple[torch.Tensor, NeuralMemoryState]:
-        """The chunk loop, continuing each sequence from wherever it stopped.
-
-        A sequence that stopped ``phase`` tokens into a chunk first finishes that chunk (its ``C - phase`` next
-        tokens: gradients still at the chunk's start weights, reads and carry from the running state), then runs
-        whole chunks. Slot layout: the first ``head`` slots hold each sequence's tokens up to its next boundary
-        (``head`` = the longest such run, 0 when every sequence is on a boundary; shorter runs end in identity
-        slots), then chunks of ``C`` slots. Identity slots (padding of the layout) have ``theta = 0`` and gates of 1.
-        """
-        if length == 1 and counts is None:  # decoding: one token per sequence, all real
+        """Reads and writes the block's tokens (heads-first, (batch, heads, length, ...)), continuing each sequence
+        from wherever it stopped: lays the tokens out in runs (:class:`ChunkSchedule`), runs them in closed form
+        (:meth:`_run_chunks`) and gathers each token's read. One real token per sequence (decoding) takes the plain
+        recurrence, :meth:`_step`."""
+        if length == 1 and counts is None:
             return self._step(state, q, k, v, lr, log_momentum, log_retention)
-        size = self.chunk_size
-        batch = q.shape[0]
-        device = q.device
-        streams = (q, k, v, lr, log_retention, log_momentum)
-        token_slot = None
-        if counts is None and state.common_seen is not None:
-            # Every sequence is at the same place and every token is real: the schedule follows from shapes, on the
-            # host (no synchronisation), and the layout is the identity.
-            phase = state.common_seen % size
-            first = min(length, (size - phase) % size)  # tokens that finish the current chunk
-            head, chunks = first, -(-(length - first) // size)
-            slots = head + chunks * size
-            aligned = [None if t is None else _pad_time(t, slots) for t in streams]
-            counts_in = [first] + [min(size, length - first - n * size) for n in range(chunks)]
-            completed = [first > 0 and phase + first == size] + [n_in == size for n_in in counts_in[1:]]
-            new = torch.full((batch,), length, device=device, dtype=torch.long)
-        else:
-            # Padded rows, or rows at different places: the schedule depends on the counts, read from the device.
-            phase = state.seen % size  # tokens already in the current chunk
-            new = counts if counts is not None else torch.full((batch,), length, device=device, dtype=torch.long)
-            first = torch.minimum(new, (size - phase) % size)  # tokens that finish the current chunk
-            head = int(first.max())
-            chunks = -(-int((new - first).max()) // size)
-            slots = head + chunks * size
-            if slots == 0:  # no real token in any sequence
-                return q.new_zeros(q.shape), state
-            # Token j of sequence b sits in slot j up to its boundary, then in slot head + (j - first_b).
-            steps = torch.arange(slots, device=device).unsqueeze(0)
-            in_head = steps < first.unsqueeze(1)
-            token = torch.where(in_head, steps, steps - head + first.unsqueeze(1))
-            real = (in_head | (steps >= head)) & (token < new.unsqueeze(1))
-            index = token.clamp(0, length - 1)
-            aligned = []
-            for t in streams:
-                if t is None:
-                    aligned.append(None)
-                    continue
-                gathered = _gather_time(t.transpose(1, 2), index, dim=1).transpose(1, 2)
-                mask = real.view(batch, 1, slots, *([1] * (gathered.dim() - 3)))
-                aligned.append(torch.where(mask, gathered, torch.zeros((), dtype=t.dtype, device=device)))
-            steps = torch.arange(length, device=device).unsqueeze(0)
-            token_slot = torch.where(steps < first.unsqueeze(1), steps, steps + head - first.unsqueeze(1))
-            token_slot = token_slot.clamp(max=slots - 1)  # (pads beyond the real tokens read anything; dropped later)
-            # Real tokens of each sequence in each piece; the state is carried from the last of them. A piece
-            # completes its chunk on reaching a boundary: the head when phase + first = C, the others when full.
-            counts_in = [first] + [(new - first - n * size).clamp(0, size) for n in range(chunks)]
-            completed = [(first > 0) & (phase + first == size)] + [n_in == size for n_in in counts_in[1:]]
-        queries, keys, values, lrs, log_ret, log_mom = aligned
-        targets = values - keys if self.residual else values  # the residual memory is M(z) = z + MLP(z)
-
-        # The head, then the chunks, each contiguous (chunk-major: no copy in every matmul; unbind, not slicing,
-        # keeps the backward of the split linear in length).
-        def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
-            if t is None:
-                return [None] * (1 + chunks)
-            rest = t[:, :, head:].reshape(batch, self.num_heads, chunks, size, *t.shape[3:])
-            return [t[:, :, :head], *rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous().unbind(0)]
-
+        schedule = ChunkSchedule.plan(state, counts, length, q.shape[0], q.device)
+        if schedule is None:  # no real token in any sequence
+            return q.new_zeros(q.shape), state
+        queries, keys, values, lrs, log_ret, log_mom = (
+            schedule.to_slots(t) for t in (q, k, v, lr, log_retention, log_momentum)
+        )
+        pieces = zip(*(schedule.split(t) for t in (queries, keys, self._targets(keys, values), lrs, log_mom, log_ret)))
         anchors = self._anchors(q.dtype)
+        reads, carry = self._run_chunks(state, schedule, pieces, anchors)
+        reads = schedule.join(reads)
+        if self.residual:
+            reads = reads + queries
+        common_seen = None if counts is not None or state.common_seen is None else state.common_seen + length
+        new_state = self._new_state(state, carry, anchors, state.seen + schedule.written, common_seen)
+        return schedule.to_tokens(reads), new_state
+
+    def _targets(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """What the memory's MLP must map the keys to: the values, or ``v - k`` for the residual ``M(z) = z + MLP(z)``."""
+        return values - keys if self.residual else values
+
+    def _run_chunks(
+        self, state: NeuralMemoryState, schedule: ChunkSchedule, pieces, anchors: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], _ChunkCarry]:
+        """The runs of the schedule in order, each in closed form (:func:`~memory_ops.chunk_update`): the reads of each
+        run and the state after the last.
+
+        A run that continues a chunk (the first run, unless every sequence is on a boundary) or stops inside one also
+        carries the chunk's own update ``[A; B]``; a run that reaches a boundary closes its chunk
+        (:meth:`_close_chunk`).
+        """
+        carry = self._carry(state, anchors)
         num_slots = 1 if state.momentum is None else 2
-        deviations = [w - a for w, a in zip(state.weights, anchors)]
-        if state.momentum is None:
-            running = [d.unsqueeze(2) for d in deviations]
-        else:
-            running = [torch.stack([d, s], dim=2) for d, s in zip(deviations, state.momentum)]
-        update, lr_sum = list(state.chunk_update), state.chunk_lr
-        boundary = list(state.chunk_weights)
+        batch, device = state.seen.shape[0], state.seen.device
         reads = []
-        pieces = zip(split(queries), split(keys), split(targets), *(split(t) for t in (lrs, log_mom, log_ret)))
         for n, (q_n, k_n, t_n, lr_n, log_mom_n, log_ret_n) in enumerate(pieces):
             if q_n.shape[2] == 0:
                 continue
-            n_in, done = counts_in[n], completed[n]  # host ints and bools, or (batch,) tensors
+            n_in, closes = schedule.run_counts[n], schedule.closes[n]  # host ints and bools, or (batch,) tensors
             active = n_in > 0
             if isinstance(n_in, int):
                 last = torch.full((batch, self.num_heads), n_in - 1, device=device, dtype=torch.long)
             else:
                 last = (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
-            # A piece that continues a chunk (the head) or stops inside one also carries the chunk's own update.
-            stops_inside = (active and not done) if isinstance(done, bool) else active & ~done
-            continuing = n == 0 and head > 0 or _any(stops_inside)
-            kappa = step_curvature(*memory_errors(boundary, k_n, t_n)[::3])
+            stops_inside = (active and not closes) if isinstance(closes, bool) else active & ~closes
+            continuing = n == 0 and schedule.first_run > 0 or _any(stops_inside)
+            kappa = step_curvature(*memory_errors(carry.boundary, k_n, t_n)[::3])
             if continuing:
-                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, lr_sum, kappa)
-                stacked = [torch.cat([r, u], dim=2) for r, u in zip(running, update)]
+                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, carry.lr_sum, kappa)
+                stacked = [torch.cat([r, u], dim=2) for r, u in zip(carry.running, carry.update)]
             else:
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, curvature=kappa)
-                stacked = running
-            y, carried = chunk_update(stacked, boundary, q_n, k_n, t_n, c_n, anchors)
+                stacked = carry.running
+            y, carried = chunk_update(stacked, carry.boundary, q_n, k_n, t_n, c_n, anchors)
             reads.append(y)
-            running = _select_rows(active, [x[:, :, :num_slots] for x in carried], running)
+            carry.running = _select_rows(active, [x[:, :, :num_slots] for x in carried], carry.running)
             if continuing:
-                update = _select_rows(active, [x[:, :, num_slots:] for x in carried], update)
-                lr_sum = _where_batch(active, lr_sum + lr_n.sum(-1), lr_sum)
-            # On a boundary the chunk's update joins the state, the safeguard bounds it, and the next chunk takes its
-            # gradients there.
-            if _any(done):
-                running = _select_rows(done, self.bound(running), running)
-                update = _select_rows(done, [torch.zeros_like(u) for u in update], update)
-                lr_sum = _where_batch(done, torch.zeros_like(lr_sum), lr_sum)
-                boundary = _select_rows(done, [r[:, :, 0] + a for r, a in zip(running, anchors)], boundary)
-        head_reads, chunk_reads = (reads[0], reads[1:]) if head else (None, reads)
-        parts = [] if head_reads is None else [head_reads]
-        if chunk_reads:
-            parts.append(torch.stack(chunk_reads).permute(1, 2, 0, 3, 4).flatten(2, 3))
-        reads = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        if self.residual:
-            reads = reads + queries
-        if token_slot is None:
-            reads = reads[:, :, :length]
-        else:
-            reads = _gather_time(reads.transpose(1, 2), token_slot, dim=1).transpose(1, 2)
+                carry.update = _select_rows(active, [x[:, :, num_slots:] for x in carried], carry.update)
+                carry.lr_sum = _where_batch(active, carry.lr_sum + lr_n.sum(-1), carry.lr_sum)
+            if _any(closes):
+                carry = self._close_chunk(closes, carry, anchors)
+        return reads, carry
 
-        new_state = NeuralMemoryState(  # contiguous, so that a live state and a reloaded snapshot compute alike
-            weights=[x[:, :, 0] + a for x, a in zip(running, anchors)],
-            momentum=None if state.momentum is None else [x[:, :, 1].contiguous() for x in running],
-            chunk_weights=boundary,
-            chunk_update=[u.contiguous() for u in update],
-            chunk_lr=lr_sum,
-            conv=state.conv,
-            seen=state.seen + new,
-            chunk_size=size,
-            common_seen=None if counts is not None or state.common_seen is None else state.common_seen + length,
+    def _carry(self, state: NeuralMemoryState, anchors: list[torch.Tensor]) -> _ChunkCarry:
+        """The state in the form the chunks work on: ``[D; S]`` stacked per layer (``D = W - W_0``)."""
+        deviations = [w - a for w, a in zip(state.weights, anchors)]
+        return _ChunkCarry(
+            self._stack(deviations, state.momentum),
+            list(state.chunk_update),
+            state.chunk_lr,
+            list(state.chunk_weights),
         )
-        return reads, new_state
+
+    @staticmethod
+    def _stack(deviations: list[torch.Tensor], momenta: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """``[D; S]`` per layer as (batch, heads, slots, d_in, d_out) (one slot without momentum)."""
+        if momenta is None:
+            return [d.unsqueeze(2) for d in deviations]
+        return [torch.stack([d, s], dim=2) for d, s in zip(deviations, momenta)]
+
+    def _close_chunk(self, rows: torch.Tensor | bool, carry: _ChunkCarry, anchors: list[torch.Tensor]) -> _ChunkCarry:
+        """A chunk boundary, for the sequences ``rows``: the chunk's update joins the state, the safeguard bounds
+        ``[D; S]``, and the next chunk takes its gradients there."""
+        running = _select_rows(rows, self.bound(carry.running), carry.running)
+        return _ChunkCarry(
+            running=running,
+            update=_select_rows(rows, [torch.zeros_like(u) for u in carry.update], carry.update),
+            lr_sum=_where_batch(rows, torch.zeros_like(carry.lr_sum), carry.lr_sum),
+            boundary=_select_rows(rows, [r[:, :, 0] + a for r, a in zip(running, anchors)], carry.boundary),
+        )
+
+    def _new_state(
+        self,
+        state: NeuralMemoryState,
+        carry: _ChunkCarry,
+        anchors: list[torch.Tensor],
+        seen: torch.Tensor,
+        common_seen: int | None,
+    ) -> NeuralMemoryState:
+        """The state after a call, from the chunks' carry (contiguous, so that a live state and a reloaded snapshot
+        compute alike); the conv tail is set by the caller."""
+        return NeuralMemoryState(
+            weights=[x[:, :, 0] + a for x, a in zip(carry.running, anchors)],
+            momentum=None if state.momentum is None else [x[:, :, 1].contiguous() for x in carry.running],
+            chunk_weights=carry.boundary,
+            chunk_update=[u.contiguous() for u in carry.update],
+            chunk_lr=carry.lr_sum,
+            conv=state.conv,
+            seen=seen,
+            chunk_size=self.chunk_size,
+            common_seen=common_seen,
+        )
 
     def _anchors(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """``W_0`` per layer as (1, heads, d_in, d_out): what forgetting relaxes the fast weights towards."""
@@ -721,18 +844,16 @@ class NeuralMemory(nn.Module):
     ) -> tuple[torch.Tensor, NeuralMemoryState]:
         """One real token per sequence (decoding) as the plain recurrence the closed form sums: the gradient at the
         chunk's start weights, its step curvature ``kappa``, the budget scale ``n`` of the chunk so far, then the read
-        ``M_W(q)``; on a chunk boundary the chunk's update joins the state, the safeguard bounds ``[D; S]`` and the
-        next chunk takes its gradients there. With ``D = W - W_0`` split into the chunk's own update ``A`` (and ``B`` of ``S``) and the
-        rest, and ``rho = n_before / n``:
+        ``M_W(q)``; on a chunk boundary the chunk closes as in :meth:`_run_chunks`. With ``D = W - W_0`` split into
+        the chunk's own update ``A`` (and ``B`` of ``S``) and the rest, and ``rho = n_before / n``:
 
             B = rho eta B - 2 (1 - eta) theta u / (kappa n)       S = eta (S - B_before) + B
             A = rho r A + B                                       D = r (D - A_before) + eta (S - B_before) + A
 
-        The same arithmetic as :func:`chunk_forward` on a run of one token; cached decoding is tested against the
-        full (chunked) pass for every variant.
+        The same arithmetic as :func:`~memory_ops.chunk_forward` on a run of one token; cached decoding is tested
+        against the full (chunked) pass for every variant.
         """
-        targets = v - k if self.residual else v  # the residual memory is M(z) = z + MLP(z)
-        inputs, _, _, deltas = memory_errors(state.chunk_weights, k, targets)
+        inputs, _, _, deltas = memory_errors(state.chunk_weights, k, self._targets(k, v))
         theta = lr[..., 0]  # (batch, heads)
         lr_sum = state.chunk_lr + theta
         scale = 1.0 / torch.clamp(lr_sum / self.max_lr, min=1.0)  # 1 / n
@@ -759,36 +880,14 @@ class NeuralMemory(nn.Module):
             updates.append(torch.stack([own_d, own_s], dim=2))
             momenta.append(rest_s + own_s)
             deviations.append(torch.addcmul(rest_s + own_d, rest, retention))
-        weights = [d + a for d, a in zip(deviations, anchors)]
-        reads = memory_mlp(weights, q, self.residual)
+        reads = memory_mlp([d + a for d, a in zip(deviations, anchors)], q, self.residual)
+        carry = _ChunkCarry(self._stack(deviations, momenta), updates, lr_sum, list(state.chunk_weights))
         seen = state.seen + 1
         common_seen = None if state.common_seen is None else state.common_seen + 1
-        boundary = seen % self.chunk_size == 0 if common_seen is None else common_seen % self.chunk_size == 0
-        chunk_weights = list(state.chunk_weights)
-        if _any(boundary):
-            if momenta is None:
-                stacked = [d.unsqueeze(2) for d in deviations]
-            else:
-                stacked = [torch.stack([d, s], dim=2) for d, s in zip(deviations, momenta)]
-            stacked = _select_rows(boundary, self.bound(stacked), stacked)
-            deviations = [x[:, :, 0] for x in stacked]
-            momenta = None if momenta is None else [x[:, :, 1] for x in stacked]
-            updates = _select_rows(boundary, [torch.zeros_like(u) for u in updates], updates)
-            lr_sum = _where_batch(boundary, torch.zeros_like(lr_sum), lr_sum)
-            weights = [d + a for d, a in zip(deviations, anchors)]
-            chunk_weights = _select_rows(boundary, weights, chunk_weights)
-        new_state = NeuralMemoryState(
-            weights=weights,
-            momentum=momenta,
-            chunk_weights=chunk_weights,
-            chunk_update=updates,
-            chunk_lr=lr_sum,
-            conv=state.conv,
-            seen=seen,
-            chunk_size=self.chunk_size,
-            common_seen=common_seen,
-        )
-        return reads, new_state
+        closes = seen % self.chunk_size == 0 if common_seen is None else common_seen % self.chunk_size == 0
+        if _any(closes):
+            carry = self._close_chunk(closes, carry, anchors)
+        return reads, self._new_state(state, carry, anchors, seen, common_seen)
 
     def bound(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """The ``max_weight_rms`` safeguard, applied to each layer's ``[W - W_0; S]`` (batch, heads, s, d_in, d_out)."""
@@ -821,7 +920,8 @@ class NeuralMemory(nn.Module):
         batch, length = self._check_inputs(hidden_states, mask)
         dtype = self.compute_dtype(hidden_states)
         inner = self.num_heads * self.head_dim
-        x, counts, order = _compact(hidden_states, mask)
+        packing = TokenPacking.of(mask)
+        x, counts = packing.pack(hidden_states, zero_pads=True), packing.counts
         conv_weight = None
         if self.conv_weight is not None:
             conv_weight = self.conv_weight[:inner]
@@ -832,7 +932,7 @@ class NeuralMemory(nn.Module):
         queries = queries.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2).to(dtype)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             reads = memory_mlp([w.to(dtype) for w in weights], F.normalize(queries, dim=-1), self.residual)
-        return _restore(self.output(reads, x), counts, order), new_tail
+        return packing.unpack(self.output(reads, x)), new_tail
 
     # ---------------------------------------------------------------------------------------------------- checks
 
