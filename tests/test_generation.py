@@ -283,6 +283,18 @@ def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
 # ----------------------------------------------------------------------------------------------------- errors
 
 
+def test_past_key_values_is_the_deprecated_name_of_cache():
+    model = tiny_model("mal")
+    x = ids(length=12)
+    with torch.no_grad():
+        reference = run_in_pieces(model, x, [7, 12])
+        cache = TitansCache(model.config)
+        old = [model(x[:, :7], past_key_values=cache).logits, model(x[:, 7:], past_key_values=cache).logits]
+        assert torch.equal(torch.cat(old, dim=1), reference)
+        with pytest.raises(ValueError, match="past_key_values"):
+            model(x, cache=TitansCache(model.config), past_key_values=TitansCache(model.config))
+
+
 def test_cache_errors(tmp_path):
     model = tiny_model("mac")
     x = ids(length=6)

@@ -15,9 +15,10 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from . import modeling_titans
 from .cache_titans import TitansCache
 from .configuration_titans import TitansConfig
-from .modeling_titans import (
+from .modeling_titans import (  # noqa: F401 (exported through modeling_titans.__all__)
     TitansForCausalLM,
     TitansForQuestionAnswering,
     TitansForSequenceClassification,
@@ -43,16 +44,4 @@ TitansForSequenceClassification.register_for_auto_class("AutoModelForSequenceCla
 TitansForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 TitansForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 
-__all__ = [
-    "NeuralMemory",
-    "NeuralMemoryState",
-    "TitansCache",
-    "TitansConfig",
-    "TitansForCausalLM",
-    "TitansForQuestionAnswering",
-    "TitansForSequenceClassification",
-    "TitansForTokenClassification",
-    "TitansModel",
-    "TitansPreTrainedModel",
-    "__version__",
-]
+__all__ = ["NeuralMemory", "NeuralMemoryState", "TitansCache", "TitansConfig", *modeling_titans.__all__, "__version__"]

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .neural_memory import BatchState, NeuralMemoryState
+from .neural_memory import BatchTensors, NeuralMemoryState
 
 # Fields of a config that fix the shapes and the meaning of a cache.
 _SIGNATURE_FIELDS = (
@@ -53,7 +53,7 @@ def config_signature(config) -> dict:
 
 
 @dataclass
-class WindowState(BatchState):
+class WindowState(BatchTensors):
     """MAG / MAL attention: keys and values of the last ``sliding_window - 1`` real tokens before the next block,
     right-aligned (slot ``i`` holds position ``seen - (sliding_window - 1) + i``), (batch, kv_heads, window - 1, head_dim)."""
 
@@ -62,7 +62,7 @@ class WindowState(BatchState):
 
 
 @dataclass
-class SegmentState(BatchState):
+class SegmentState(BatchTensors):
     """MAC: the current segment, slot ``j`` holding its ``j``-th token (slots of tokens not read yet hold anything).
 
     Attributes:
@@ -382,7 +382,7 @@ class TitansCache(Cache):
 __all__ = ["SegmentState", "TitansCache", "TitansCacheLayer", "WindowState"]
 
 
-def _named_tensors(state: BatchState) -> list[tuple[str, torch.Tensor]]:
+def _named_tensors(state: BatchTensors) -> list[tuple[str, torch.Tensor]]:
     """``(field name, tensor)`` for every tensor of ``state`` (each item of a list under its field's name)."""
     named = []
     state.map_fields(lambda name, t: named.append((name, t)) or t)

@@ -528,22 +528,15 @@ class CausalConvSiLU(torch.autograd.Function):
         return d_padded, d_weight
 
 
-def chunk_update(
-    states: list[torch.Tensor],
-    gradient_weights: list[torch.Tensor],
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    targets: torch.Tensor,
-    coefficients: ChunkCoefficients,
-    anchors: list[torch.Tensor],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """:func:`chunk_forward` without its intermediates, through :class:`ChunkFunction` when gradients are needed."""
-    c = coefficients
-    inputs = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *gradient_weights, *states, *anchors)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        reads, *new_states = ChunkFunction.apply(*inputs)
+def chunk_update(*inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`chunk_forward` (same arguments) without its intermediates, through :class:`ChunkFunction` when gradients
+    are needed."""
+    states, gradient_weights, queries, keys, targets, c, anchors = inputs
+    flat = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *gradient_weights, *states, *anchors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
+        reads, *new_states = ChunkFunction.apply(*flat)
         return reads, new_states
-    reads, new_states, _ = chunk_forward(states, gradient_weights, queries, keys, targets, c, anchors)
+    reads, new_states, _ = chunk_forward(*inputs)
     return reads, new_states
 
 

@@ -43,6 +43,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -449,12 +450,12 @@ class TitansAttention(nn.Module):
     def forward_segment_step(
         self,
         x: torch.Tensor,
+        slot: torch.Tensor,
         reads: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        slot: torch.Tensor,
         state: SegmentState | None,
     ) -> tuple[torch.Tensor, None, SegmentState]:
-        """:meth:`forward_segment` for one token per row (decoding), in segment slot ``slot`` (batch,): its keys and
+        """:meth:`forward_segment` for one token ``x`` per row (decoding) in segment slot ``slot`` (batch,): its keys and
         values go into that slot of the segment's ``state`` (``None``: a segment with no earlier token) and its
         query attends to the slots up to it. Returns the output (batch, 1, hidden), no weights and the segment's keys
         and values."""
@@ -512,6 +513,20 @@ def _merge_key_values(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def memory_arguments(config: TitansConfig) -> dict:
+    """:class:`~neural_memory.NeuralMemory`'s arguments for a layer of ``config``: every ``memory_*`` field but
+    ``memory_layers``, without its prefix (``memory_chunk_size`` -> ``chunk_size``), and the model's width,
+    initialisation range and norm epsilon."""
+    fields = [name for name in TitansConfig.__annotations__ if name.startswith("memory_") and name != "memory_layers"]
+    arguments = {name.removeprefix("memory_"): getattr(config, name) for name in fields}
+    return dict(
+        arguments,
+        hidden_size=config.hidden_size,
+        initializer_range=config.initializer_range,
+        norm_eps=config.rms_norm_eps,
+    )
+
+
 class TitansDecoderLayer(GradientCheckpointingLayer):
     """One pre-norm residual block of the configured variant (see the module docstring)."""
 
@@ -524,21 +539,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         self.attention = TitansAttention(config, layer_idx) if config.variant != "lmm" else None
         self.memory = None
         if layer_idx in config.memory_layers:
-            self.memory = NeuralMemory(
-                hidden_size=config.hidden_size,
-                num_heads=config.memory_num_heads,
-                head_dim=config.memory_head_dim,
-                depth=config.memory_depth,
-                expansion=config.memory_expansion,
-                chunk_size=config.memory_chunk_size,
-                conv_kernel=config.memory_conv_kernel,
-                momentum=config.memory_momentum,
-                forget=config.memory_forget,
-                max_lr=config.memory_max_lr,
-                max_weight_rms=config.memory_max_weight_rms,
-                initializer_range=config.initializer_range,
-                norm_eps=config.rms_norm_eps,
-            )
+            self.memory = NeuralMemory(**memory_arguments(config))
         # MAL normalises the attention input separately from the memory input; MAG and MAC gate the two outputs.
         self.attention_layernorm = (
             TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -713,7 +714,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             reads = _pad_slots(reads, segment)
             if segment_state is not None and segment_state.start_weights is not None:
                 start_weights = _select_rows(active, start_weights, segment_state.start_weights)
-        y, weights, key_values = attend(slots[:, part], reads)
+        y, weights, key_values = attend(slots[:, part], reads=reads)
         if segment_state is not None:
             key_values = _merge_key_values(key_values, segment_state, lambda t, old: _where_batch(active, t, old))
         segment_state = replace(key_values, start_weights=start_weights, read_conv=read_conv)
@@ -924,6 +925,7 @@ class TitansModel(TitansPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache", raise_if_both_names=True)
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -934,7 +936,6 @@ class TitansModel(TitansPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -946,10 +947,6 @@ class TitansModel(TitansPreTrainedModel):
             stream in order.
         cache: a [`TitansCache`] to continue from (an empty `DynamicCache`, as `generate` passes, is replaced).
         """
-        if past_key_values is not None:
-            if cache is not None:
-                raise ValueError("Pass the cache once, as `cache` (`past_key_values` is its deprecated name).")
-            cache = past_key_values
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         batch, length = inputs_embeds.shape[:2]
         output_attentions = kwargs.get("output_attentions", False)
@@ -1092,23 +1089,20 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    # The task's arguments are named here; the model's (cache, inputs_embeds, use_cache, ...) pass through **kwargs.
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         labels: (batch, seq) token ids, -100 to ignore; shifted inside (the model predicts the next token).
         logits_to_keep: compute logits for the last `logits_to_keep` positions only (0: all).
+        The other arguments (`cache`, `inputs_embeds`, `use_cache`, `position_ids`, ...) are [`TitansModel`]'s.
 
         ```python
         >>> from transformers import AutoModelForCausalLM
@@ -1117,16 +1111,7 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         >>> out.loss.backward()
         ```
         """
-        outputs: BaseModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
+        outputs: BaseModelOutputWithPast = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None
@@ -1173,43 +1158,54 @@ def last_real_token(
     return (positions * real).argmax(-1)
 
 
-class TitansForSequenceClassification(TitansPreTrainedModel):
-    """Titans with a linear head on each row's last real token (the usual decoder classifier, as in Llama)."""
+class _TitansWithScoreHead(TitansPreTrainedModel):
+    """A [`TitansModel`] with a linear ``score`` head of ``config.num_labels`` outputs: the classifiers below. Their
+    ``forward`` takes ``input_ids``, ``attention_mask`` and ``labels``; the other arguments (``position_ids``,
+    ``cache``, ``inputs_embeds``, ``use_cache``, ...) are [`TitansModel`]'s."""
+
+    score_bias = True
 
     def __init__(self, config: TitansConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = TitansModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=self.score_bias)
         self.post_init()
+
+    def classify(
+        self, outputs: BaseModelOutputWithPast, labels: torch.Tensor | None, **inputs
+    ) -> SequenceClassifierOutputWithPast | TokenClassifierOutput:
+        """The head: the base model's outputs (and ``input_ids`` / ``attention_mask``) to the task's outputs."""
+        raise NotImplementedError
 
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
+    ) -> SequenceClassifierOutputWithPast | TokenClassifierOutput:
+        outputs: BaseModelOutputWithPast = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self.classify(outputs, labels, input_ids=input_ids, attention_mask=attention_mask)
+
+
+class TitansForSequenceClassification(_TitansWithScoreHead):
+    """Titans with a linear head on each row's last real token (the usual decoder classifier, as in Llama).
+
+    ``labels``: (batch,) class ids (cross-entropy), or floats for ``config.problem_type="regression"`` /
+    ``"multi_label_classification"``, as in Transformers' other sequence classifiers.
+    """
+
+    score_bias = False
+
+    def classify(
+        self,
+        outputs: BaseModelOutputWithPast,
+        labels: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
     ) -> SequenceClassifierOutputWithPast:
-        r"""
-        labels: (batch,) class ids (cross-entropy), or floats for `config.problem_type="regression"` /
-            `"multi_label_classification"`, as in Transformers' other sequence classifiers.
-        """
-        outputs: BaseModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
         logits = self.score(outputs.last_hidden_state)
         batch_size, seq_len = logits.shape[:2]
         last = last_real_token(input_ids, attention_mask, self.config.pad_token_id, batch_size, seq_len)
@@ -1226,44 +1222,20 @@ class TitansForSequenceClassification(TitansPreTrainedModel):
         )
 
 
-class TitansForTokenClassification(TitansPreTrainedModel):
-    """Titans with a linear head on every token (dropout ``config.classifier_dropout``, 0.1 if unset)."""
+class TitansForTokenClassification(_TitansWithScoreHead):
+    """Titans with a linear head on every token (dropout ``config.classifier_dropout``, 0.1 if unset).
+
+    ``labels``: (batch, seq) class ids, -100 to ignore (e.g. padding).
+    """
 
     def __init__(self, config: TitansConfig):
         super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = TitansModel(config)
         dropout = getattr(config, "classifier_dropout", None)
         self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
+    def classify(
+        self, outputs: BaseModelOutputWithPast, labels: torch.Tensor | None, **inputs
     ) -> TokenClassifierOutput:
-        r"""
-        labels: (batch, seq) class ids, -100 to ignore (e.g. padding).
-        """
-        outputs: BaseModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -1287,26 +1259,15 @@ class TitansForQuestionAnswering(TitansPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> QuestionAnsweringModelOutput:
         r"""
         start_positions, end_positions: (batch,) token indices of the answer span.
+        The other arguments (`position_ids`, `cache`, `inputs_embeds`, `use_cache`, ...) are [`TitansModel`]'s.
         """
-        outputs: BaseModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
+        outputs: BaseModelOutputWithPast = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)
         start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
         loss = None

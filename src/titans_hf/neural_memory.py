@@ -34,7 +34,7 @@ from torch import nn
 
 from .memory_ops import CausalConvSiLU, ChunkCoefficients, chunk_update, memory_errors, memory_mlp, step_curvature
 
-__all__ = ["BatchState", "NeuralMemory", "NeuralMemoryState", "TokenPacking", "compaction_order"]
+__all__ = ["BatchTensors", "NeuralMemory", "NeuralMemoryState", "TokenPacking", "compaction_order"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -140,8 +140,8 @@ def _any(rows: torch.Tensor | bool) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class BatchState:
-    """Methods of the dataclasses that hold per-sequence state (the memory's, the attention caches').
+class BatchTensors:
+    """Methods of the dataclasses of batch-first tensors (the memory's state and inputs, the attention caches).
 
     Every tensor field has the batch as its first dimension (a field may also be a list of tensors, or ``None``), so
     the state can be detached, moved, indexed and reordered like one tensor (:meth:`apply`) and written to
@@ -210,7 +210,7 @@ class BatchState:
 
 
 @dataclass
-class NeuralMemoryState(BatchState):
+class NeuralMemoryState(BatchTensors):
     """Everything the memory needs to continue a stream exactly, for a batch of independent sequences.
 
     Attributes:
@@ -260,6 +260,20 @@ class NeuralMemoryState(BatchState):
     @property
     def batch_size(self) -> int:
         return self.seen.shape[0]
+
+
+@dataclass
+class MemoryInputs(BatchTensors):
+    """The per-token inputs of a block's reads and writes, heads first: unit ``queries``, ``keys`` and ``values``
+    (batch, heads, length, head_dim) and the gates ``lr`` (``theta``), ``log_momentum`` (``log eta``, ``None``
+    without momentum) and ``log_retention`` (``log(1 - alpha)``), (batch, heads, length)."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    lr: torch.Tensor
+    log_momentum: torch.Tensor | None
+    log_retention: torch.Tensor
 
 
 @dataclass
@@ -690,44 +704,36 @@ class NeuralMemory(nn.Module):
             else:
                 # Autocast is off here: the gates run in their weights' dtype (under autocast, e.g. MAC, x is bf16).
                 gate_x = x.to(self.lr_proj.weight.dtype)
-                lr = self.lr(gate_x).to(dtype).transpose(1, 2)
-                log_momentum = self.log_momentum(gate_x)
-                log_momentum = None if log_momentum is None else log_momentum.to(dtype).transpose(1, 2)
-                log_retention = self.log_retention(gate_x).to(dtype).transpose(1, 2)
-                reads, new_state = self._read_write(state, q, k, v, lr, log_momentum, log_retention, counts, length)
+                gates = [self.lr(gate_x), self.log_momentum(gate_x), self.log_retention(gate_x)]
+                lr, log_momentum, log_retention = (None if g is None else g.to(dtype).transpose(1, 2) for g in gates)
+                tokens = MemoryInputs(q, k, v, lr, log_momentum, log_retention)
+                reads, new_state = self._read_write(state, tokens, counts)
                 new_state.conv = conv_tail
         return packing.unpack(self.output(reads, x)), new_state
 
     def _read_write(
-        self,
-        state: NeuralMemoryState,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        lr: torch.Tensor,
-        log_momentum: torch.Tensor | None,
-        log_retention: torch.Tensor,
-        counts: torch.Tensor | None,
-        length: int,
+        self, state: NeuralMemoryState, tokens: MemoryInputs, counts: torch.Tensor | None
     ) -> tuple[torch.Tensor, NeuralMemoryState]:
         """Reads and writes the block's tokens (heads-first, (batch, heads, length, ...)), continuing each sequence
         from wherever it stopped: lays the tokens out in runs (:class:`ChunkSchedule`), runs them in closed form
         (:meth:`_run_chunks`) and gathers each token's read. One real token per sequence (decoding) takes the plain
         recurrence, :meth:`_step`."""
+        q = tokens.queries
+        batch, _, length, _ = q.shape
         if length == 1 and counts is None:
-            return self._step(state, q, k, v, lr, log_momentum, log_retention)
-        schedule = ChunkSchedule.plan(state, counts, length, q.shape[0], q.device)
+            return self._step(state, tokens)
+        schedule = ChunkSchedule.plan(state, counts, length, batch, q.device)
         if schedule is None:  # no real token in any sequence
             return q.new_zeros(q.shape), state
-        queries, keys, values, lrs, log_ret, log_mom = (
-            schedule.to_slots(t) for t in (q, k, v, lr, log_retention, log_momentum)
-        )
-        pieces = zip(*(schedule.split(t) for t in (queries, keys, self._targets(keys, values), lrs, log_mom, log_ret)))
+        slotted = tokens.apply(schedule.to_slots)
+        streams = (slotted.queries, slotted.keys, self._targets(slotted.keys, slotted.values))
+        streams += (slotted.lr, slotted.log_momentum, slotted.log_retention)
+        pieces = zip(*(schedule.split(t) for t in streams))
         anchors = self._anchors(q.dtype)
         reads, carry = self._run_chunks(state, schedule, pieces, anchors)
         reads = schedule.join(reads)
         if self.residual:
-            reads = reads + queries
+            reads = reads + slotted.queries
         common_seen = None if counts is not None or state.common_seen is None else state.common_seen + length
         new_state = self._new_state(state, carry, anchors, state.seen + schedule.written, common_seen)
         return schedule.to_tokens(reads), new_state
@@ -832,16 +838,7 @@ class NeuralMemory(nn.Module):
         """``W_0`` per layer as (1, heads, d_in, d_out): what forgetting relaxes the fast weights towards."""
         return [w.to(dtype).unsqueeze(0) for w in self.initial_weights]
 
-    def _step(
-        self,
-        state: NeuralMemoryState,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        lr: torch.Tensor,
-        log_momentum: torch.Tensor | None,
-        log_retention: torch.Tensor,
-    ) -> tuple[torch.Tensor, NeuralMemoryState]:
+    def _step(self, state: NeuralMemoryState, tokens: MemoryInputs) -> tuple[torch.Tensor, NeuralMemoryState]:
         """One real token per sequence (decoding) as the plain recurrence the closed form sums: the gradient at the
         chunk's start weights, its step curvature ``kappa``, the budget scale ``n`` of the chunk so far, then the read
         ``M_W(q)``; on a chunk boundary the chunk closes as in :meth:`_run_chunks`. With ``D = W - W_0`` split into
@@ -853,12 +850,13 @@ class NeuralMemory(nn.Module):
         The same arithmetic as :func:`~memory_ops.chunk_forward` on a run of one token; cached decoding is tested
         against the full (chunked) pass for every variant.
         """
-        inputs, _, _, deltas = memory_errors(state.chunk_weights, k, self._targets(k, v))
-        theta = lr[..., 0]  # (batch, heads)
+        q, k, log_momentum = tokens.queries, tokens.keys, tokens.log_momentum
+        inputs, _, _, deltas = memory_errors(state.chunk_weights, k, self._targets(k, tokens.values))
+        theta = tokens.lr[..., 0]  # (batch, heads)
         lr_sum = state.chunk_lr + theta
         scale = 1.0 / torch.clamp(lr_sum / self.max_lr, min=1.0)  # 1 / n
         rho = (torch.clamp(state.chunk_lr / self.max_lr, min=1.0) * scale)[..., None, None]
-        retention = torch.exp(log_retention)[..., None]  # (batch, heads, 1, 1)
+        retention = torch.exp(tokens.log_retention)[..., None]  # (batch, heads, 1, 1)
         momentum = None if log_momentum is None else torch.exp(log_momentum)[..., None]
         step = -2.0 * theta * scale / step_curvature(inputs, deltas)[..., 0]
         if momentum is not None:
