@@ -3,6 +3,7 @@ streaming, snapshots and errors."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -10,23 +11,12 @@ import textwrap
 
 import pytest
 import torch
-from tiny import VARIANTS, tiny_config, tiny_model
+from tiny import BLOCK_TITANS_HF, VARIANTS, random_ids, tiny_config, tiny_model
 from transformers import ByT5Tokenizer, DynamicCache, pipeline
 
 from titans_hf import TitansCache, TitansForCausalLM
 
-BLOCK_TITANS_HF = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "titans_hf" or name.startswith("titans_hf."):
-            raise ImportError("titans_hf is not installed in this process")
-sys.meta_path.insert(0, _Block())
-"""
-
-
-def ids(batch: int = 2, length: int = 37, seed: int = 1, vocab: int = 64) -> torch.Tensor:
-    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+ids = functools.partial(random_ids, length=37)
 
 
 def run_in_pieces(model, x: torch.Tensor, cuts: list[int], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,13 +213,19 @@ def test_streaming_memory_does_not_grow(variant):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_snapshot_round_trip_gives_identical_continuations(variant, tmp_path):
+def read_19_tokens(variant: str) -> tuple[TitansForCausalLM, torch.Tensor, TitansCache]:
+    """A tiny model, 30 tokens, and a cache that has read the first 19 (mid-chunk, mid-window, mid-segment)."""
     model = tiny_model(variant)
     x = ids(length=30)
     cache = TitansCache(model.config)
     with torch.no_grad():
         model(x[:, :19], cache=cache)
+    return model, x, cache
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_snapshot_round_trip_gives_identical_continuations(variant, tmp_path):
+    model, x, cache = read_19_tokens(variant)
     cache.save(tmp_path / "memory.safetensors")
     restored = TitansCache.load(tmp_path / "memory.safetensors", model.config)
     assert restored.state_dict().keys() == cache.state_dict().keys()
@@ -253,11 +249,7 @@ def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    model = tiny_model(variant)
-    x = ids(length=30)
-    cache = TitansCache(model.config)
-    with torch.no_grad():
-        model(x[:, :19], cache=cache)
+    model, x, cache = read_19_tokens(variant)
     cache.save(tmp_path / "new.safetensors")
     old_names = {"window.": "", "segment.keys": "x_keys", "segment.values": "x_values", "segment.read_keys": "h_keys"}
     old_names |= {

@@ -14,25 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny import VARIANTS, tiny_config, tiny_model
+from tiny import BLOCK_TITANS_HF, VARIANTS, random_ids, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.testing_utils import CaptureLogger
 
 from titans_hf import NeuralMemory, TitansConfig, TitansForCausalLM, TitansModel
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCK_TITANS_HF = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "titans_hf" or name.startswith("titans_hf."):
-            raise ImportError("titans_hf is not installed in this process")
-sys.meta_path.insert(0, _Block())
-"""
 
 
-def ids(batch: int = 2, length: int = 21, seed: int = 1, vocab: int = 64) -> torch.Tensor:
-    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+ids = random_ids
 
 
 # ----------------------------------------------------------------------------------------------------- forward

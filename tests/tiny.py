@@ -8,6 +8,21 @@ from titans_hf import TitansConfig, TitansForCausalLM
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
 
+# Prepended to a subprocess script: `import titans_hf` fails there, as where the package is not installed.
+BLOCK_TITANS_HF = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "titans_hf" or name.startswith("titans_hf."):
+            raise ImportError("titans_hf is not installed in this process")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def random_ids(batch: int = 2, length: int = 21, seed: int = 1, vocab: int = 64) -> torch.Tensor:
+    """Token ids in [1, vocab) (0 is the tiny configs' pad id), reproducible from ``seed``."""
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
 
 def tiny_config(variant: str = "mag", **overrides) -> TitansConfig:
     """Two layers of width 32: window 6 and segment 8 (two memory chunks of 4), so that short sequences cross
