@@ -38,7 +38,7 @@ from typing import Any
 import datasets
 import torch
 import torch.nn.functional as F
-from titans_training import DEFAULT_TRAIN_FILE, TEXT_EXTENSIONS, _data_files, check_columns
+from titans_training import DEFAULT_TRAIN_FILE, TEXT_EXTENSIONS, check_columns, data_files
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -111,7 +111,7 @@ def load_documents(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase)
             source = args.dataset_name
             stream = datasets.load_dataset(source, args.dataset_config, split=args.dataset_split, streaming=True)
         else:
-            files = _data_files(args.files, "--files")
+            files = data_files(args.files, "--files")
             builder = TEXT_EXTENSIONS[Path(files[0]).suffix.lower()]
             kwargs = {"sample_by": "document"} if builder == "text" else {}
             stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
