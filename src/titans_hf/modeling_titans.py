@@ -170,7 +170,7 @@ class TokenLayout:
     Attributes:
         packing: the :class:`~neural_memory.TokenPacking` of the block (identity when every token is real).
         counts: real tokens per row (batch,).
-        valid: (batch, seq) ``True`` for the packed real tokens (``j < counts``).
+        real: (batch, seq) ``True`` for the packed real tokens (``j < counts``).
         seen: real tokens read before this block, per row (batch,).
         positions: (batch, seq) position of every packed token: ``seen + j``.
         length: the block length (``seq``).
@@ -180,7 +180,7 @@ class TokenLayout:
 
     packing: TokenPacking
     counts: torch.Tensor
-    valid: torch.Tensor
+    real: torch.Tensor
     seen: torch.Tensor
     positions: torch.Tensor
     length: int
@@ -196,16 +196,16 @@ class TokenLayout:
         counts = packing.counts
         if counts is None:
             counts = torch.full((batch,), length, dtype=torch.long, device=device)
-        valid = steps.unsqueeze(0) < counts.unsqueeze(1)
-        return cls(packing, counts, valid, seen, seen.unsqueeze(1) + steps, length, common_seen)
+        real = steps.unsqueeze(0) < counts.unsqueeze(1)
+        return cls(packing, counts, real, seen, seen.unsqueeze(1) + steps, length, common_seen)
 
     @property
-    def all_valid(self) -> bool:
+    def all_real(self) -> bool:
         return self.packing.identity
 
     @property
     def memory_mask(self) -> torch.Tensor | None:
-        return None if self.packing.identity else self.valid
+        return None if self.packing.identity else self.real
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ class TokenLayout:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def window_mask_function(num_persistent: int, window: int, past: int, valid: torch.Tensor) -> Callable:
+def window_mask_function(num_persistent: int, window: int, past: int, real: torch.Tensor) -> Callable:
     """Mask over keys ``[persistent || past window || block]`` for the block's queries (``q`` -> key ``past + q``).
 
     Persistent keys are always visible; a key is visible if it is real, not in the future and within ``window``
@@ -223,23 +223,23 @@ def window_mask_function(num_persistent: int, window: int, past: int, valid: tor
     def mask(batch_idx, head_idx, q_idx, kv_idx):
         key = kv_idx - num_persistent
         query = q_idx + past
-        real = valid[batch_idx, key.clamp(min=0)]
-        return (kv_idx < num_persistent) | (key == query) | (real & (key <= query) & (key > query - window))
+        holds_token = real[batch_idx, key.clamp(min=0)]
+        return (kv_idx < num_persistent) | (key == query) | (holds_token & (key <= query) & (key > query - window))
 
     return mask
 
 
-def segment_mask_function(num_persistent: int, segment: int, valid: torch.Tensor) -> Callable:
+def segment_mask_function(num_persistent: int, segment: int, real: torch.Tensor) -> Callable:
     """Mask over keys ``[persistent || memory reads of the segment || segment]`` for the segment's queries.
 
-    ``valid`` (batch, 2 * segment) marks the keys that hold a token; slot ``j`` of either half is visible to the
+    ``real`` (batch, 2 * segment) marks the keys that hold a token; slot ``j`` of either half is visible to the
     query in slot ``q`` when ``j <= q`` (paper §4.1: ``h_j`` and ``x_j`` visible to token ``i`` iff ``j <= i``).
     """
 
     def mask(batch_idx, head_idx, q_idx, kv_idx):
         key = (kv_idx - num_persistent).clamp(min=0)
         slot = key % segment
-        return (kv_idx < num_persistent) | (slot == q_idx) | (valid[batch_idx, key] & (slot <= q_idx))
+        return (kv_idx < num_persistent) | (slot == q_idx) | (real[batch_idx, key] & (slot <= q_idx))
 
     return mask
 
@@ -369,9 +369,9 @@ class TitansAttention(nn.Module):
             past_keys = keys.new_zeros(batch, self.num_key_value_heads, past, self.head_dim)
             past_values = torch.zeros_like(past_keys)
         # Past slot i holds position seen - past + i; it is real once that position is >= 0.
-        past_valid = torch.arange(past, device=x.device).unsqueeze(0) >= (past - layout.seen).clamp(min=0).unsqueeze(1)
+        past_real = torch.arange(past, device=x.device).unsqueeze(0) >= (past - layout.seen).clamp(min=0).unsqueeze(1)
         all_keys, all_values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
-        all_valid = torch.cat([past_valid, layout.valid], dim=1)
+        all_real = torch.cat([past_real, layout.real], dim=1)
 
         block = length if output_attentions else max(window, 64)
         if length <= block:
@@ -381,8 +381,8 @@ class TitansAttention(nn.Module):
                 full_window = layout.common_seen >= past
             else:
                 full_window = bool((layout.seen >= past).all())
-            everything_visible = length == 1 and layout.all_valid and full_window
-            mask = None if everything_visible else window_mask_function(self.num_persistent, window, past, all_valid)
+            everything_visible = length == 1 and layout.all_real and full_window
+            mask = None if everything_visible else window_mask_function(self.num_persistent, window, past, all_real)
             out, weights = self.attend(queries, key, value, mask)
         else:
             # Query block b (positions [b B, (b+1) B)) sees block-local keys [b B, b B + past + B) of the extended
@@ -401,16 +401,16 @@ class TitansAttention(nn.Module):
             folded_queries = folded_queries.transpose(1, 2).reshape(
                 batch * blocks, self.num_heads, block, self.head_dim
             )
-            folded_valid = F.pad(all_valid, (0, pad), value=False).unfold(1, span, block).reshape(batch * blocks, span)
+            folded_real = F.pad(all_real, (0, pad), value=False).unfold(1, span, block).reshape(batch * blocks, span)
             key, value = self.with_persistent(fold_keys(all_keys), fold_keys(all_values))
-            mask = window_mask_function(self.num_persistent, window, past, folded_valid)
+            mask = window_mask_function(self.num_persistent, window, past, folded_real)
             out, weights = self.attend(folded_queries, key, value, mask)
             out = out.view(batch, blocks * block, -1)[:, :length]
 
         new_state = None
         if use_cache and past > 0:
             # The last `past` real tokens: packed rows end their real tokens at past + counts.
-            if layout.all_valid:
+            if layout.all_real:
                 new_keys, new_values = all_keys[:, :, length:], all_values[:, :, length:]
             else:
                 index = (layout.counts.unsqueeze(1) + torch.arange(past, device=x.device)).view(batch, 1, past, 1)
@@ -426,24 +426,24 @@ class TitansAttention(nn.Module):
         x: torch.Tensor,
         reads: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        new: torch.Tensor,
+        incoming: torch.Tensor,
         state: SegmentState | None,
         cached: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, SegmentState]:
         """MAC attention of one segment: queries from ``x`` (batch, segment, hidden) in segment slots, keys and
         values from ``[persistent || memory reads || segment]`` (paper eq. 21-22).
 
-        ``new`` (batch, segment) marks the slots that hold this call's tokens; ``cached`` the earlier slots of a
+        ``incoming`` (batch, segment) marks the slots that hold this call's tokens; ``cached`` the earlier slots of a
         segment that a previous call started, whose keys and values are in ``state``. Returns the output, the
         weights and the segment's keys and values (a :class:`SegmentState` without memory weights).
         """
         queries, fresh = self._segment_projections(x, reads, position_embeddings)
         if state is not None and cached is not None:
-            take_new = new.view(new.shape[0], 1, -1, 1)
+            take_new = incoming.view(incoming.shape[0], 1, -1, 1)
             fresh = _merge_key_values(fresh, state, lambda t, old: torch.where(take_new, t, old))
-        valid = new if cached is None else new | cached
+        real = incoming if cached is None else incoming | cached
         halves = len(fresh.key_values()) // 2  # memory reads and tokens, or tokens only
-        mask = segment_mask_function(self.num_persistent, x.shape[1], valid.repeat(1, halves))
+        mask = segment_mask_function(self.num_persistent, x.shape[1], real.repeat(1, halves))
         out, weights = self._attend_segment(queries, fresh, mask)
         return self.o_proj(out), weights, fresh
 
@@ -638,7 +638,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         A decoding step (one real token per row, with a cache) skips the slot frame: its token is slot
         ``seen % segment`` of its row's segment.
         """
-        if use_cache and x.shape[1] == 1 and layout.all_valid and not output_attentions:
+        if use_cache and x.shape[1] == 1 and layout.all_real and not output_attentions:
             slot = layout.seen % self.config.segment_size
             attend = functools.partial(
                 self.attention.forward_segment_step,
@@ -657,18 +657,26 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         outputs, all_weights = [], []
         for r in range(frame.rounds):
             part = frame.part(r)
-            new = frame.new[:, part]
-            real, memory_mask = frame.real(r)
+            incoming = frame.incoming[:, part]
+            memory_slots, memory_mask = frame.memory_slots(r)
             attend = functools.partial(
                 self.attention.forward_segment,
                 position_embeddings=(cos[:, part], sin[:, part]),
-                new=new,
+                incoming=incoming,
                 state=segment_state,
                 cached=frame.cached if r == 0 else None,
             )
             continuing = frame.phase > 0 if r == 0 else None
             y, weights, memory_state, segment_state = self._segment(
-                normed, part, attend, memory_state, segment_state, continuing, new.any(dim=1), real, memory_mask
+                normed,
+                part,
+                attend,
+                memory_state,
+                segment_state,
+                continuing,
+                incoming.any(dim=1),
+                memory_slots,
+                memory_mask,
             )
             outputs.append(y)
             if output_attentions:
@@ -686,7 +694,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         segment_state: SegmentState | None,
         continuing: torch.Tensor | None,
         active: torch.Tensor | bool,
-        real: int,
+        memory_slots: int,
         memory_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, NeuralMemoryState | None, SegmentState]:
         """One MAC segment (eq. 21-25): the normed tokens in segment slots ``slots[:, part]`` (batch, segment, hidden).
@@ -694,7 +702,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         ``h = M*(q(x))`` with the weights from the start of the segment (read-only; rows ``continuing`` a segment
         started by an earlier call read with the cached start weights), ``y = attend(x, h)`` over ``[persistent || h
         || x]``, the memory written with ``x`` (or ``norm(y)``, see ``mac_memory_input``) and read back,
-        ``o = gate(y, M(.))``. The memory sees the first ``real`` slots under ``memory_mask`` (``None``: all real);
+        ``o = gate(y, M(.))``. The memory sees the first ``memory_slots`` slots under ``memory_mask`` (``None``: all real);
         rows not ``active`` (no token in the segment) keep their segment state.
         """
         # (Sliced at each use: the backward then adds the three gradients of the segment in one fixed order.)
@@ -710,7 +718,9 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             cached_weights = None if segment_state is None else segment_state.start_weights
             if continuing is not None and cached_weights is not None:
                 start_weights = [_where_batch(continuing, s, w) for s, w in zip(cached_weights, start_weights)]
-            reads, read_conv = self.memory.retrieve(slots[:, part][:, :real], start_weights, read_conv, memory_mask)
+            reads, read_conv = self.memory.retrieve(
+                slots[:, part][:, :memory_slots], start_weights, read_conv, memory_mask
+            )
             reads = _pad_slots(reads, segment)
             if segment_state is not None and segment_state.start_weights is not None:
                 start_weights = _select_rows(active, start_weights, segment_state.start_weights)
@@ -720,7 +730,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         segment_state = replace(key_values, start_weights=start_weights, read_conv=read_conv)
         if self.memory is not None:
             written = slots[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)
-            memory_out, memory_state = self.memory(written[:, :real], memory_state, memory_mask)
+            memory_out, memory_state = self.memory(written[:, :memory_slots], memory_state, memory_mask)
             y = self.gate(y, _pad_slots(memory_out, segment))
         return y, weights, memory_state, segment_state
 
@@ -741,7 +751,7 @@ class _SegmentFrame:
 
     phase: torch.Tensor
     token: torch.Tensor
-    new: torch.Tensor
+    incoming: torch.Tensor
     cached: torch.Tensor
     rounds: int
     segment: int
@@ -751,28 +761,28 @@ class _SegmentFrame:
     @classmethod
     def build(cls, layout: TokenLayout, segment: int, length: int) -> _SegmentFrame:
         phase = layout.seen % segment
-        if layout.common_seen is not None and layout.all_valid:  # from shapes, on the host
+        if layout.common_seen is not None and layout.all_real:  # from shapes, on the host
             span = layout.common_seen % segment + length
             aligned = layout.common_seen % segment == 0
         else:
             span = int((phase + layout.counts).max())
-            aligned = bool((phase == 0).all()) and layout.all_valid
+            aligned = bool((phase == 0).all()) and layout.all_real
         rounds = max(1, -(-span // segment))
         slots = torch.arange(rounds * segment, device=phase.device)
         token = slots.unsqueeze(0) - phase.unsqueeze(1)  # packed token held by each slot
-        new = (token >= 0) & (token < layout.counts.unsqueeze(1))
+        incoming = (token >= 0) & (token < layout.counts.unsqueeze(1))
         cached = torch.arange(segment, device=phase.device).unsqueeze(0) < phase.unsqueeze(1)
-        return cls(phase, token, new, cached, rounds, segment, length, aligned)
+        return cls(phase, token, incoming, cached, rounds, segment, length, aligned)
 
     def part(self, r: int) -> slice:
         return slice(r * self.segment, (r + 1) * self.segment)
 
-    def real(self, r: int) -> tuple[int, torch.Tensor | None]:
+    def memory_slots(self, r: int) -> tuple[int, torch.Tensor | None]:
         """The slots of segment ``r`` the memory reads and writes, and their mask: aligned rows are real up to a
         host-known slot (no mask, nothing to read from the device); otherwise the mask of new tokens."""
         if self.aligned:
             return min(self.segment, self.length - r * self.segment), None
-        return self.segment, self.new[:, self.part(r)]
+        return self.segment, self.incoming[:, self.part(r)]
 
     def to_slots(self, t: torch.Tensor) -> torch.Tensor:
         """(batch, length, ...) packed tokens -> (batch, rounds * segment, ...) slots."""
@@ -964,7 +974,7 @@ class TitansModel(TitansPreTrainedModel):
         common_seen = 0 if cache is None or cache.seen is None else cache.common_seen
         layout = TokenLayout.build(real, batch, length, seen.to(inputs_embeds.device), common_seen)
         if position_ids is not None:
-            self._check_positions(position_ids, layout, real)
+            self._check_positions(position_ids, layout)
 
         position_embeddings = self.rotary_emb(inputs_embeds, layout.positions)
         hidden_states = inputs_embeds
@@ -979,7 +989,7 @@ class TitansModel(TitansPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if cache is not None:
             cache.seen = seen + layout.counts
-            cache.common_seen = common_seen + length if common_seen is not None and layout.all_valid else None
+            cache.common_seen = common_seen + length if common_seen is not None and layout.all_real else None
             cache.positions_read += length
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
@@ -1062,16 +1072,16 @@ class TitansModel(TitansPreTrainedModel):
         return mask.to(torch.bool)
 
     @staticmethod
-    def _check_positions(position_ids: torch.Tensor, layout: TokenLayout, real: torch.Tensor | None) -> None:
+    def _check_positions(position_ids: torch.Tensor, layout: TokenLayout) -> None:
         position_ids = position_ids.to(layout.positions.device)
         if position_ids.dim() != 2 or position_ids.shape[-1] != layout.length:
             raise ValueError(
                 f"position_ids must have shape (batch, {layout.length}), got {tuple(position_ids.shape)}."
             )
         expected = layout.positions
-        got = layout.packing.pack(position_ids.expand(layout.valid.shape[0], -1))
+        got = layout.packing.pack(position_ids.expand(layout.real.shape[0], -1))
         torch._assert_async(  # on the device, like the token ids: generate() passes positions at every step
-            ((got == expected) | ~layout.valid).all(),
+            ((got == expected) | ~layout.real).all(),
             "position_ids disagree with the positions Titans counts (real tokens since each sequence's first one, "
             "continuing the cache). Titans reads a stream in order: drop position_ids, or pass cumsum(mask) - 1.",
         )

@@ -42,9 +42,9 @@ __all__ = ["BatchTensors", "NeuralMemory", "NeuralMemoryState", "TokenPacking", 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def compaction_order(valid: torch.Tensor) -> torch.Tensor:
-    """Per row, the indices that move the ``valid`` positions to the front in their original order (a stable sort)."""
-    return torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+def compaction_order(real: torch.Tensor) -> torch.Tensor:
+    """Per row, the indices that move the ``real`` positions to the front in their original order (a stable sort)."""
+    return torch.argsort((~real).to(torch.int8), dim=1, stable=True)
 
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
