@@ -4,6 +4,7 @@ streaming, snapshots and errors."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -303,6 +304,13 @@ def test_cache_errors(tmp_path):
     cache.save(tmp_path / "mac.safetensors")
     with pytest.raises(ValueError, match="another configuration"):
         TitansCache.load(tmp_path / "mac.safetensors", tiny_config("mal"))
+    from safetensors.torch import load_file, save_file
+
+    foreign = load_file(tmp_path / "mac.safetensors") | {"layers.0.lora.A": torch.zeros(1)}
+    metadata = {"signature": json.dumps(cache.signature), "positions_read": "6"}
+    save_file(foreign, tmp_path / "foreign.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match="Unknown entry 'lora.A'"):
+        TitansCache.load(tmp_path / "foreign.safetensors", model.config)
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\)"):
         model(x[:, :2], attention_mask=torch.ones(2, 3, dtype=torch.long), cache=cache)
     # The mask may cover the new tokens only, or the cached ones too.

@@ -164,7 +164,9 @@ class TitansCacheLayer(CacheLayerMixin):
         tensors = {_legacy_name(name): t for name, t in tensors.items()}
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
-            group, key = name.split(".", 1)
+            group, _, key = name.partition(".")
+            if group != "memory" and group not in _ATTENTION_STATES or not key:
+                raise ValueError(f"Unknown entry {name!r} in a TitansCache snapshot layer: not written by titans-hf.")
             groups.setdefault(group, {})[key] = t
         if "memory" in groups:
             self.memory = NeuralMemoryState.from_tensors(groups.pop("memory"), chunk_size)
