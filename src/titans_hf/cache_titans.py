@@ -252,7 +252,7 @@ class TitansCache(Cache):
             activations, memory = set(), set()
             for layer in self.layers:
                 if layer.attention is not None:
-                    for name, t in _named_tensors(layer.attention):
+                    for name, t in layer.attention.named_tensors():
                         (memory if name in _MEMORY_FIELDS else activations).add(t.dtype)
                 if layer.memory is not None:
                     memory.update(t.dtype for t in layer.memory.weights)
@@ -382,13 +382,6 @@ class TitansCache(Cache):
 
 
 __all__ = ["SegmentState", "TitansCache", "TitansCacheLayer", "WindowState"]
-
-
-def _named_tensors(state: BatchTensors) -> list[tuple[str, torch.Tensor]]:
-    """``(field name, tensor)`` for every tensor of ``state`` (each item of a list under its field's name)."""
-    named = []
-    state.map_fields(lambda name, t: named.append((name, t)) or t)
-    return named
 
 
 def _memory_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -165,6 +165,15 @@ class BatchTensors:
             values[field.name] = value
         return type(self)(**values)
 
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """``(field name, tensor)`` for every tensor (each item of a list under its field's name)."""
+        named = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            items = value if isinstance(value, list) else [value]
+            named.extend((field.name, t) for t in items if isinstance(t, torch.Tensor))
+        return named
+
     def detach(self):
         return self.apply(torch.Tensor.detach)
 
@@ -280,7 +289,9 @@ class MemoryInputs(BatchTensors):
 class _ChunkCarry:
     """The memory's state inside a call, in the form the chunks work on (per layer, batch first)."""
 
-    running: list[torch.Tensor]  # [D; S]: W - W_0 and the momentum, stacked as (batch, heads, slots, d_in, d_out)
+    running: (
+        list[torch.Tensor] | None
+    )  # [D; S]: W - W_0 and the momentum, stacked as (batch, heads, slots, d_in, d_out)
     update: list[torch.Tensor]  # [A; B]: the part of [D; S] written by the current chunk's tokens
     lr_sum: torch.Tensor  # the learning rates of the current chunk's tokens, summed, (batch, heads)
     boundary: list[torch.Tensor]  # the weights at the last chunk boundary, where the chunk's gradients are taken
@@ -735,7 +746,9 @@ class NeuralMemory(nn.Module):
         if self.residual:
             reads = reads + slotted.queries
         common_seen = None if counts is not None or state.common_seen is None else state.common_seen + length
-        new_state = self._new_state(state, carry, anchors, state.seen + schedule.written, common_seen)
+        new_state = self._new_state(
+            state, *self._unstack(carry, anchors), carry, state.seen + schedule.written, common_seen
+        )
         return schedule.to_tokens(reads), new_state
 
     def _targets(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -812,19 +825,30 @@ class NeuralMemory(nn.Module):
             boundary=_select_rows(rows, [r[:, :, 0] + a for r, a in zip(running, anchors)], carry.boundary),
         )
 
+    @staticmethod
+    def _unstack(
+        carry: _ChunkCarry, anchors: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The fast weights ``W = W_0 + D`` and the momentum ``S`` (``None`` without) of the carry's ``[D; S]``."""
+        weights = [x[:, :, 0] + a for x, a in zip(carry.running, anchors)]
+        momentum = None if carry.running[0].shape[2] == 1 else [x[:, :, 1].contiguous() for x in carry.running]
+        return weights, momentum
+
     def _new_state(
         self,
         state: NeuralMemoryState,
+        weights: list[torch.Tensor],
+        momentum: list[torch.Tensor] | None,
         carry: _ChunkCarry,
-        anchors: list[torch.Tensor],
         seen: torch.Tensor,
         common_seen: int | None,
     ) -> NeuralMemoryState:
-        """The state after a call, from the chunks' carry (contiguous, so that a live state and a reloaded snapshot
-        compute alike); the conv tail is set by the caller."""
+        """The state after a call: its fast weights and momentum, and the chunk's update, learning-rate sum and
+        gradient weights from the carry (contiguous, so that a live state and a reloaded snapshot compute alike); the
+        conv tail is set by the caller."""
         return NeuralMemoryState(
-            weights=[x[:, :, 0] + a for x, a in zip(carry.running, anchors)],
-            momentum=None if state.momentum is None else [x[:, :, 1].contiguous() for x in carry.running],
+            weights=weights,
+            momentum=momentum,
             chunk_weights=carry.boundary,
             chunk_update=[u.contiguous() for u in carry.update],
             chunk_lr=carry.lr_sum,
@@ -878,14 +902,17 @@ class NeuralMemory(nn.Module):
             updates.append(torch.stack([own_d, own_s], dim=2))
             momenta.append(rest_s + own_s)
             deviations.append(torch.addcmul(rest_s + own_d, rest, retention))
-        reads = memory_mlp([d + a for d, a in zip(deviations, anchors)], q, self.residual)
-        carry = _ChunkCarry(self._stack(deviations, momenta), updates, lr_sum, list(state.chunk_weights))
+        weights = [d + a for d, a in zip(deviations, anchors)]
+        reads = memory_mlp(weights, q, self.residual)
+        carry = _ChunkCarry(None, updates, lr_sum, list(state.chunk_weights))
         seen = state.seen + 1
         common_seen = None if state.common_seen is None else state.common_seen + 1
         closes = seen % self.chunk_size == 0 if common_seen is None else common_seen % self.chunk_size == 0
-        if _any(closes):
+        if _any(closes):  # (stacked only here: a decoding step between boundaries does not pay for it)
+            carry.running = self._stack(deviations, momenta)
             carry = self._close_chunk(closes, carry, anchors)
-        return reads, self._new_state(state, carry, anchors, seen, common_seen)
+            weights, momenta = self._unstack(carry, anchors)
+        return reads, self._new_state(state, weights, momenta, carry, seen, common_seen)
 
     def bound(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """The ``max_weight_rms`` safeguard, applied to each layer's ``[W - W_0; S]`` (batch, heads, s, d_in, d_out)."""

@@ -1,0 +1,163 @@
+"""A/B of two versions of titans-hf on the same steps: does a change (a refactor, a kernel) make the model slower?
+
+Checks out both revisions into temporary git worktrees and times, in subprocesses that alternate between the two
+(so that a noisy machine hits both alike), a training step (forward + backward) and cached decoding steps of the
+speed shape (``speed_common.SMALL``: hidden 256, 4 layers, window / segment / chunk 64), float32, batch 1, 2 threads:
+
+    python benchmarks/ab_versions.py --base a9c64d8                 # base vs the working tree's HEAD
+    python benchmarks/ab_versions.py --base a9c64d8 --head main --rounds 5 --variants mag mac
+
+Prints one row per measurement: the median over rounds of each version (each round: the median of ``--repeats``
+timed runs after a warm-up), every round's value, and head / base. Saves ``results/ab_versions.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def train_step(model, ids) -> None:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+
+def decode_step_seconds(model, ids, prompt: int, steps: int) -> float:
+    """Seconds per greedy one-token step from the cache, after a prompt of ``prompt`` tokens (not timed)."""
+    import torch
+
+    with torch.inference_mode():
+        result = model(input_ids=ids[:, :prompt], use_cache=True, logits_to_keep=1)
+        cache, token = result.cache, result.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(input_ids=token, cache=cache).logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) / steps
+
+
+def median_of(run, repeats: int) -> float:
+    """Median of ``run()`` (seconds) over ``repeats`` runs after a warm-up."""
+    run()
+    return statistics.median(run() for _ in range(repeats))
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def measure(src: Path, variants: list[str], tokens: int, prompt: int, steps: int, repeats: int) -> dict[str, float]:
+    """Seconds per training step and per decoding step of each variant, with the titans_hf found in ``src``."""
+    sys.path.insert(0, str(HERE))
+    import speed_common  # sets the offline and thread environment
+
+    sys.path.insert(0, str(src))  # before speed_common's own src entry
+    import torch
+
+    import titans_hf
+
+    assert Path(titans_hf.__file__).resolve().is_relative_to(src.resolve()), titans_hf.__file__
+    speed_common.setup_threads()
+    ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for variant in variants:
+        model = speed_common.build_model(variant)
+        out[f"{variant} train step"] = median_of(lambda m=model: timed(lambda: train_step(m, ids)), repeats)
+        out[f"{variant} decode step"] = median_of(lambda m=model: decode_step_seconds(m, ids, prompt, steps), repeats)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="The revision to compare against (a commit, tag or branch).")
+    parser.add_argument("--head", default="HEAD", help="The revision under test.")
+    parser.add_argument("--variants", nargs="+", default=["mag", "mac"])
+    parser.add_argument("--tokens", type=int, default=2048, help="Tokens of the training step.")
+    parser.add_argument("--prompt", type=int, default=256, help="Prompt before the timed decoding steps.")
+    parser.add_argument("--steps", type=int, default=64, help="Decoding steps per timed run.")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        result = measure(args.worker, args.variants, args.tokens, args.prompt, args.steps, args.repeats)
+        print("RESULT " + json.dumps(result))
+        return
+
+    runs: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {}
+        for side in ("base", "head"):
+            trees[side] = Path(tmp) / side
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(trees[side]), getattr(args, side)],
+                check=True,
+            )
+        try:
+            for round_ in range(args.rounds):
+                for side in ("base", "head") if round_ % 2 == 0 else ("head", "base"):
+                    command = [sys.executable, __file__, "--base", args.base, "--worker", str(trees[side] / "src")]
+                    command += [
+                        "--variants",
+                        *args.variants,
+                        "--tokens",
+                        str(args.tokens),
+                        "--prompt",
+                        str(args.prompt),
+                    ]
+                    command += ["--steps", str(args.steps), "--repeats", str(args.repeats)]
+                    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH="")
+                    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+                    runs[side].append(json.loads(done.stdout.split("RESULT ", 1)[1]))
+                    print(f"round {round_ + 1}/{args.rounds} {side}: {runs[side][-1]}", flush=True)
+        finally:
+            for tree in trees.values():
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+
+    rows = []
+    for key in runs["base"][0]:
+        base = [r[key] for r in runs["base"]]
+        head = [r[key] for r in runs["head"]]
+        rows.append(
+            {
+                "measurement": key,
+                "base_s": statistics.median(base),
+                "head_s": statistics.median(head),
+                "head_over_base": statistics.median(head) / statistics.median(base),
+                "base_rounds": base,
+                "head_rounds": head,
+            }
+        )
+    print(
+        f"\nbase {args.base} vs head {args.head}: seconds, median of {args.rounds} rounds (each a median of "
+        f"{args.repeats}); training step of {args.tokens} tokens, decoding after a {args.prompt}-token prompt\n"
+    )
+    print(f"{'measurement':<20} {'base':>10} {'head':>10} {'head/base':>10}   rounds (base | head)")
+    for row in rows:
+        rounds = (
+            " ".join(f"{v:.4f}" for v in row["base_rounds"]) + " | " + " ".join(f"{v:.4f}" for v in row["head_rounds"])
+        )
+        print(
+            f"{row['measurement']:<20} {row['base_s']:>10.4f} {row['head_s']:>10.4f} {row['head_over_base']:>10.3f}"
+            f"   {rounds}"
+        )
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "ab_versions.json").write_text(
+        json.dumps({"base": args.base, "head": args.head, "rows": rows}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()
