@@ -9,11 +9,18 @@ speed shape (``speed_common.SMALL``: hidden 256, 4 layers, window / segment / ch
 
 Prints one row per measurement: the median over rounds of each version (each round: the median of ``--repeats``
 timed runs after a warm-up), every round's value, and head / base. Saves ``results/ab_versions.json``.
+
+``--outputs`` checks instead that the two revisions compute the same numbers, bit for bit: logits of full, padded
+and cached calls (in pieces and token by token), every parameter gradient and every cache tensor, for every variant
+and several memory settings, in float64 and float32 (the tiny models of ``tests/tiny.py``):
+
+    python benchmarks/ab_versions.py --base a9c64d8 --outputs
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -78,6 +85,69 @@ def measure(src: Path, variants: list[str], tokens: int, prompt: int, steps: int
     return out
 
 
+def outputs(src: Path, path: Path) -> None:
+    """Saves to ``path`` every number the titans_hf of ``src`` computes on the fingerprint cases."""
+    sys.path.insert(0, str(src))
+    sys.path.insert(1, str(REPO / "tests"))
+    import torch
+    from tiny import VARIANTS, tiny_model
+
+    import titans_hf
+
+    assert Path(titans_hf.__file__).resolve().is_relative_to(src.resolve()), titans_hf.__file__
+    torch.set_num_threads(2)
+    out = {}
+    ids = torch.randint(1, 64, (2, 37), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[1, 30:] = 0
+    schedules = {"steps": list(range(1, 20)), "pieces": [3, 7, 8, 16, 17, 25, 30, 37]}
+    for dtype in (torch.float64, torch.float32):
+        for variant in VARIANTS:
+            extra = {"mac_memory_input": "attention"} if variant == "mac" else {"num_persistent_tokens": 0}
+            for overrides in ({}, {"memory_momentum": False}, {"memory_depth": 1}, extra):
+                tag = f"{dtype}-{variant}-{sorted(overrides.items())}"
+                model = tiny_model(variant, dtype=dtype, **overrides)
+                logits = model(ids).logits
+                logits.float().pow(2).mean().backward()
+                out[f"{tag}/full"] = logits.detach()
+                out.update({f"{tag}/grad/{n}": p.grad for n, p in model.named_parameters() if p.grad is not None})
+                with torch.no_grad():
+                    out[f"{tag}/masked"] = model(ids, attention_mask=mask).logits
+                    for (name, cuts), masked in itertools.product(schedules.items(), (True, False)):
+                        cache, start, pieces = titans_hf.TitansCache(model.config), 0, []
+                        for end in cuts:
+                            kwargs = {"attention_mask": mask[:, :end]} if masked else {}
+                            pieces.append(model(ids[:, start:end], cache=cache, **kwargs).logits)
+                            start = end
+                        key = f"{tag}/cached-{name}-{'masked' if masked else 'unpadded'}"
+                        out[key] = torch.cat(pieces, dim=1)
+                        out.update({f"{key}/cache/{k}": v for k, v in cache.state_dict().items()})
+    torch.save(out, path)
+
+
+def same_outputs(base: Path, head: Path, head_src: Path) -> list[str]:
+    """The keys whose tensors differ (cache entries compared under their current names)."""
+    import torch
+
+    sys.path.insert(0, str(head_src))
+    from titans_hf.cache_titans import _legacy_name
+
+    def current(key: str) -> str:
+        prefix, _, name = key.rpartition("/cache/")
+        if not prefix or not name.startswith("layers.") or ".memory." in name:
+            return key
+        _, layer, rest = name.split(".", 2)
+        return f"{prefix}/cache/layers.{layer}.{_legacy_name(rest)}"
+
+    a = {current(k): v for k, v in torch.load(base).items()}
+    b = {current(k): v for k, v in torch.load(head).items()}
+    differ = sorted(set(a) ^ set(b))
+    differ += [k for k in a.keys() & b.keys() if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+    print(f"{len(a)} tensors compared: {'all equal, bit for bit' if not differ else f'{len(differ)} differ'}")
+    return differ
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="The revision to compare against (a commit, tag or branch).")
@@ -88,8 +158,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="Decoding steps per timed run.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--outputs", action="store_true", help="Compare the numbers computed, not the speed.")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--save_outputs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_outputs is not None:
+        outputs(args.worker, args.save_outputs)
+        return
     if args.worker is not None:
         result = measure(args.worker, args.variants, args.tokens, args.prompt, args.steps, args.repeats)
         print("RESULT " + json.dumps(result))
@@ -105,6 +180,15 @@ def main() -> None:
                 check=True,
             )
         try:
+            if args.outputs:
+                env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH="")
+                for side in ("base", "head"):
+                    command = [sys.executable, __file__, "--base", args.base, "--worker", str(trees[side] / "src")]
+                    subprocess.run([*command, "--save_outputs", str(Path(tmp) / f"{side}.pt")], check=True, env=env)
+                differ = same_outputs(Path(tmp) / "base.pt", Path(tmp) / "head.pt", trees["head"] / "src")
+                if differ:
+                    raise SystemExit("differ: " + ", ".join(differ[:20]))
+                return
             for round_ in range(args.rounds):
                 for side in ("base", "head") if round_ % 2 == 0 else ("head", "base"):
                     command = [sys.executable, __file__, "--base", args.base, "--worker", str(trees[side] / "src")]
