@@ -347,6 +347,25 @@ def test_bad_inputs_are_named():
         memory(x, {"weights": []})
 
 
+@pytest.mark.parametrize("momentum", [True, False])
+def test_whole_chunks_coefficients_at_once_equal_each_chunk_with_its_curvature(momentum):
+    """The training path computes the gates' part of every whole chunk's coefficients at once and divides each
+    chunk's steps by its curvature when it is reached: equal to from_gates with that curvature, float64."""
+    torch.manual_seed(0)
+    chunks, batch, heads, size = 3, 2, 2, 5
+    lr = torch.rand(chunks, batch, heads, size, dtype=torch.float64) * 0.3
+    log_momentum = -torch.rand(chunks, batch, heads, size, dtype=torch.float64) if momentum else None
+    log_retention = -torch.rand(chunks, batch, heads, size, dtype=torch.float64)
+    kappa = 1.0 + 3.0 * torch.rand(chunks, batch, heads, size, dtype=torch.float64)
+    at_once = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, 0.4)
+    for n in range(chunks):
+        pieces = (lr[n], None if log_momentum is None else log_momentum[n], log_retention[n])
+        expected = ChunkCoefficients.from_gates(*pieces, 0.4, curvature=kappa[n])
+        got = ChunkCoefficients(*(f[n] for f in fields_of(at_once))).divided_by(kappa[n])
+        for g, e in zip(fields_of(got), fields_of(expected)):
+            torch.testing.assert_close(g, e, atol=1e-14, rtol=1e-13)
+
+
 # ----------------------------------------------------------------------------------------------------- hand backward
 
 

@@ -206,6 +206,16 @@ class ChunkCoefficients:
         bottom = torch.cat([torch.zeros_like(transition), rho_last * transition], dim=-1)
         return cls(read, gain, torch.cat([write, write], dim=-1), torch.cat([top, bottom], dim=-2))
 
+    def divided_by(self, curvature: torch.Tensor) -> ChunkCoefficients:
+        """The coefficients of the same gates with each token's write step divided by its ``curvature`` (..., C):
+        ``gain`` and ``write`` are linear in the steps (their column / row ``j``), ``read`` and ``transition`` do not
+        depend on them. So the gates' part of a whole chunk is computed for all chunks at once (``from_gates``
+        without curvature, chunks folded into the leading dimensions), and each chunk divides by its own
+        ``kappa``, known only when the chunk is reached."""
+        return ChunkCoefficients(
+            self.read, self.gain / curvature.unsqueeze(-2), self.write / curvature.unsqueeze(-1), self.transition
+        )
+
 
 def chunk_forward(
     states: list[torch.Tensor],

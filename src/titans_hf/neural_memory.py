@@ -389,10 +389,16 @@ class ChunkSchedule:
         not slicing, keeps the backward of the split linear in length)."""
         if t is None:
             return [None] * (1 + self.chunks)
+        return [t[:, :, : self.first_run], *self.chunk_major(t).unbind(0)]
+
+    def chunk_major(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The whole chunks of a slotted stream (batch, heads, slots, ...) as one contiguous (chunks, batch, heads,
+        size, ...) tensor."""
+        if t is None:
+            return None
         batch, heads = t.shape[:2]
         rest = t[:, :, self.first_run :].reshape(batch, heads, self.chunks, self.size, *t.shape[3:])
-        chunks = rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous().unbind(0)
-        return [t[:, :, : self.first_run], *chunks]
+        return rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous()
 
     def join(self, reads: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`split` for the runs' reads (runs with no slot are absent)."""
@@ -741,7 +747,7 @@ class NeuralMemory(nn.Module):
         streams += (slotted.lr, slotted.log_momentum, slotted.log_retention)
         pieces = zip(*(schedule.split(t) for t in streams))
         anchors = self._anchors(q.dtype)
-        reads, carry = self._run_chunks(state, schedule, pieces, anchors)
+        reads, carry = self._run_chunks(state, schedule, pieces, anchors, self._whole_chunks(schedule, slotted))
         reads = schedule.join(reads)
         if self.residual:
             reads = reads + slotted.queries
@@ -755,8 +761,24 @@ class NeuralMemory(nn.Module):
         """What the memory's MLP must map the keys to: the values, or ``v - k`` for the residual ``M(z) = z + MLP(z)``."""
         return values - keys if self.residual else values
 
+    def _whole_chunks(self, schedule: ChunkSchedule, slotted: MemoryInputs) -> list[ChunkCoefficients | None]:
+        """The gates' part of the coefficients of every whole chunk (``None`` for the others), computed for all the
+        chunks at once: they do not depend on the state. Each chunk divides its steps by its own curvature when it is
+        reached (:meth:`ChunkCoefficients.divided_by`). Only for a schedule known on the host (every token real)."""
+        if schedule.token is not None or schedule.chunks == 0:
+            return [None] * schedule.chunks
+        gates = (schedule.chunk_major(t) for t in (slotted.lr, slotted.log_momentum, slotted.log_retention))
+        c = ChunkCoefficients.from_gates(*gates, self.max_lr)
+        fields = zip(c.read.unbind(0), c.gain.unbind(0), c.write.unbind(0), c.transition.unbind(0))
+        return [ChunkCoefficients(*f) if n == schedule.size else None for f, n in zip(fields, schedule.run_counts[1:])]
+
     def _run_chunks(
-        self, state: NeuralMemoryState, schedule: ChunkSchedule, pieces, anchors: list[torch.Tensor]
+        self,
+        state: NeuralMemoryState,
+        schedule: ChunkSchedule,
+        pieces,
+        anchors: list[torch.Tensor],
+        whole_chunks: list[ChunkCoefficients | None],
     ) -> tuple[list[torch.Tensor], _ChunkCarry]:
         """The runs of the schedule in order, each in closed form (:func:`~memory_ops.chunk_update`): the reads of each
         run and the state after the last.
@@ -784,6 +806,8 @@ class NeuralMemory(nn.Module):
             if continuing:
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, carry.lr_sum, kappa)
                 stacked = [torch.cat([r, u], dim=2) for r, u in zip(carry.running, carry.update)]
+            elif n > 0 and whole_chunks[n - 1] is not None:
+                c_n, stacked = whole_chunks[n - 1].divided_by(kappa), carry.running
             else:
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, curvature=kappa)
                 stacked = carry.running
