@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from reference_memory import reference_forward
 from torch.func import functional_call
 
-from titans_hf.memory_ops import CausalConvSiLU, ChunkCoefficients, ChunkFunction, chunk_forward
+from titans_hf.memory_ops import CausalConvSiLU, ChunkCoefficients, ChunkFunction, chunk_forward, memory_errors
 from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
 
 
@@ -372,7 +372,8 @@ def test_whole_chunks_coefficients_at_once_equal_each_chunk_with_its_curvature(m
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("continuing", [False, True], ids=["from-boundary", "continuing"])
-def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing):
+@pytest.mark.parametrize("given_key_side", [False, True], ids=["own-key-side", "given-key-side"])
+def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing, given_key_side):
     """ChunkFunction's backward against autograd through the plain chunk_forward, float64, every input: a run from a
     chunk boundary on ``[D; S]`` and a run that continues a chunk on ``[D; S; A; B]`` (with the budget acting)."""
     torch.manual_seed(depth)
@@ -405,13 +406,19 @@ def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing
         )
         return (reads, *new_states)
 
-    fast = ChunkFunction.apply(*inputs)
+    def fast_path():
+        # The memory hands the chunk the key side it computed for the step curvature: values only, recomputed in
+        # backward (given_key_side); or the chunk computes it.
+        given = memory_errors(inputs[7 : 7 + depth], inputs[1], inputs[2]) if given_key_side else ()
+        return ChunkFunction.apply(depth, *inputs, *(t.detach() for part in given for t in part))
+
+    fast = fast_path()
     slow = slow_path()
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     upstream = [torch.randn_like(x) for x in fast]
     for used in (len(fast), 1):  # all outputs, then only the reads (the state gradients arrive as None)
-        fast = ChunkFunction.apply(*inputs)
+        fast = fast_path()
         slow = slow_path()
         got = torch.autograd.grad(fast[:used], inputs, upstream[:used], allow_unused=True)
         expected = torch.autograd.grad(slow[:used], inputs, upstream[:used], allow_unused=True)

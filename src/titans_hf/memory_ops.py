@@ -225,6 +225,7 @@ def chunk_forward(
     targets: torch.Tensor,
     coefficients: ChunkCoefficients,
     anchors: list[torch.Tensor],
+    key_side: tuple | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
     """A run of tokens of one chunk in closed form (docs/design.md §3): read every token, carry the state past the last.
 
@@ -238,6 +239,8 @@ def chunk_forward(
         targets: what the memory MLP must map the keys to (see :func:`memory_errors`), (batch, heads, chunk, head_dim).
         coefficients: the run's :class:`ChunkCoefficients`.
         anchors: ``W_0`` per layer, (1, heads, d_in, d_out).
+        key_side: :func:`memory_errors` of ``gradient_weights``, ``keys`` and ``targets`` if already computed (the
+            step curvature needs them first); computed here otherwise.
 
     Each layer's per-token gradient is rank one, so the pre-activation of layer ``l`` for query ``i`` is
     ``a_i W_0 + sum_s read_is a_i state_s + sum_j gain_ij (a_i . abar_j) delta_j`` (``a``: query-side input of the
@@ -249,7 +252,7 @@ def chunk_forward(
     token, and the intermediates that backward needs.
     """
     c = coefficients
-    inputs, key_pre, errors, deltas = memory_errors(gradient_weights, keys, targets)
+    inputs, key_pre, errors, deltas = key_side or memory_errors(gradient_weights, keys, targets)
 
     a, query_pre = queries, []
     for layer, (state, abar, delta) in enumerate(zip(states, inputs, deltas)):
@@ -291,15 +294,22 @@ class ChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries, keys, targets, read, gain, write, transition, *weights_and_states):
-        depth = len(weights_and_states) // 3
+    def forward(ctx, depth, queries, keys, targets, read, gain, write, transition, *tensors):
+        """``tensors``: the gradient weights, states and anchors (``depth`` each), then optionally the key side
+        (:func:`memory_errors`' inputs, pre-activations, errors and deltas), used as values only: the backward
+        recomputes it and differentiates through the weights, keys and targets."""
+        weights_and_states = tensors[: 3 * depth]
         gradient_weights, states = weights_and_states[:depth], weights_and_states[depth : 2 * depth]
         anchors = weights_and_states[2 * depth :]
+        key_side = None
+        if len(tensors) > 3 * depth:
+            rest = list(tensors[3 * depth :])
+            key_side = (rest[:depth], rest[depth : 2 * depth - 1], rest[2 * depth - 1 : 3 * depth - 2], rest[-depth:])
         coefficients = ChunkCoefficients(read, gain, write, transition)
         reads, new_states, (_, last_delta, query_pre) = chunk_forward(
-            list(states), list(gradient_weights), queries, keys, targets, coefficients, list(anchors)
+            list(states), list(gradient_weights), queries, keys, targets, coefficients, list(anchors), key_side
         )
-        ctx.depth = depth
+        ctx.depth, ctx.num_key_side = depth, len(tensors) - 3 * depth
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(
             queries, keys, read, gain, write, transition, last_delta, *weights_and_states, *query_pre
@@ -329,7 +339,8 @@ class ChunkFunction(torch.autograd.Function):
                 list(grad_states),
             )
         d_coefficients, d_weights, d_states, d_anchors, d_queries, d_keys, d_targets = grads
-        return (d_queries, d_keys, d_targets, *d_coefficients, *d_weights, *d_states, *d_anchors)
+        key_side = [None] * ctx.num_key_side
+        return (None, d_queries, d_keys, d_targets, *d_coefficients, *d_weights, *d_states, *d_anchors, *key_side)
 
 
 @dataclass
@@ -538,15 +549,16 @@ class CausalConvSiLU(torch.autograd.Function):
         return d_padded, d_weight
 
 
-def chunk_update(*inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def chunk_update(*inputs, key_side: tuple | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`chunk_forward` (same arguments) without its intermediates, through :class:`ChunkFunction` when gradients
     are needed."""
     states, gradient_weights, queries, keys, targets, c, anchors = inputs
     flat = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *gradient_weights, *states, *anchors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
-        reads, *new_states = ChunkFunction.apply(*flat)
+        given = [] if key_side is None else [t.detach() for part in key_side for t in part]
+        reads, *new_states = ChunkFunction.apply(len(states), *flat, *given)
         return reads, new_states
-    reads, new_states, _ = chunk_forward(*inputs)
+    reads, new_states, _ = chunk_forward(*inputs, key_side=key_side)
     return reads, new_states
 
 

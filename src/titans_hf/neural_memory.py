@@ -802,7 +802,8 @@ class NeuralMemory(nn.Module):
                 last = (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
             stops_inside = (active and not closes) if isinstance(closes, bool) else active & ~closes
             continuing = n == 0 and schedule.first_run > 0 or _any(stops_inside)
-            kappa = step_curvature(*memory_errors(carry.boundary, k_n, t_n)[::3])
+            key_side = memory_errors(carry.boundary, k_n, t_n)  # the keys at the chunk's start weights
+            kappa = step_curvature(key_side[0], key_side[3])
             if continuing:
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, carry.lr_sum, kappa)
                 stacked = [torch.cat([r, u], dim=2) for r, u in zip(carry.running, carry.update)]
@@ -811,7 +812,7 @@ class NeuralMemory(nn.Module):
             else:
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, curvature=kappa)
                 stacked = carry.running
-            y, carried = chunk_update(stacked, carry.boundary, q_n, k_n, t_n, c_n, anchors)
+            y, carried = chunk_update(stacked, carry.boundary, q_n, k_n, t_n, c_n, anchors, key_side=key_side)
             reads.append(y)
             carry.running = _select_rows(active, [x[:, :, :num_slots] for x in carried], carry.running)
             if continuing:
