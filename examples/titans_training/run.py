@@ -62,8 +62,8 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
     )
     if args.torch_compile and args.torch_compile_backend == "inductor" and accelerator.device.type == "cpu":
         raise ValueError(
-            "--torch_compile_backend inductor on CPU: torch's inductor CPU code computes the neural memory's gradients "
-            "wrongly (measured with torch 2.13; tests/test_compile.py::test_inductor_cpu_backward_equals_eager). Use "
+            "--torch_compile_backend inductor on CPU: torch 2.13's inductor CPU code has computed the neural memory's "
+            "gradients wrongly and fails to compile MAC (README, 'torch.compile and GPUs'). Use "
             "--torch_compile_backend aot_eager on CPU; inductor is meant for GPUs."
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
