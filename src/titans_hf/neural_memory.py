@@ -947,11 +947,10 @@ class NeuralMemory(nn.Module):
         bounded = []
         for state in states:
             mean_square = state.pow(2).mean(dim=(-2, -1), keepdim=True)
-            over = mean_square > cap * cap
             # Branch-free (no host synchronisation): a factor of exactly 1 under the bound, so the normal range is
-            # unchanged bit for bit; both branches finite (no 0 * inf in backward at a zero state).
-            safe = torch.where(over, mean_square, torch.full_like(mean_square, cap * cap))
-            bounded.append(state * torch.where(over, cap * safe.rsqrt(), torch.ones_like(safe)))
+            # unchanged bit for bit; finite everywhere (the clamp keeps rsqrt's backward off a zero state).
+            factor = cap * mean_square.clamp(min=cap * cap).rsqrt()
+            bounded.append(state * torch.where(mean_square > cap * cap, factor, 1.0))
         return bounded
 
     def retrieve(
