@@ -685,7 +685,9 @@ class NeuralMemory(nn.Module):
         state: NeuralMemoryState | None = None,
         mask: torch.Tensor | None = None,
         write: bool = True,
-    ) -> tuple[torch.Tensor, NeuralMemoryState]:
+        *,
+        segment: int | None = None,
+    ) -> tuple[torch.Tensor, NeuralMemoryState] | tuple[torch.Tensor, NeuralMemoryState, list[torch.Tensor]]:
         """Reads and writes a block of tokens.
 
         Args:
@@ -694,10 +696,31 @@ class NeuralMemory(nn.Module):
             mask: (batch, seq) of 0/1 or bool; a 0 token writes nothing, moves no chunk boundary and gets a zero output.
             write: ``False`` is the "memory never written" ablation: every token reads the state's current
                 weights and the state is returned unchanged.
+            segment: also return the fast weights at the start of every ``segment`` tokens, per memory layer
+                (batch, segments, heads, d_in, d_out): MAC's read-only retrieval weights for all its segments from
+                one pass. Needs real tokens only, segments of whole chunks, and a stream on a segment boundary.
 
         Returns:
-            ``(output, new_state)``; ``output`` has the shape of ``hidden_states``.
+            ``(output, new_state)`` (and the weights, with ``segment``); ``output`` has the shape of ``hidden_states``.
         """
+        if segment is not None and (
+            mask is not None or segment % self.chunk_size or state is not None and (state.common_seen or 0) % segment
+        ):
+            raise ValueError(
+                f"segment={segment}: the weights at segment starts need real tokens only (no mask), segments of whole "
+                f"chunks (chunk_size={self.chunk_size}) and a stream on a segment boundary known on the host."
+            )
+        output, new_state, starts = self._forward(hidden_states, state, mask, write, segment)
+        return (output, new_state) if segment is None else (output, new_state, starts)
+
+    def _forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: NeuralMemoryState | None,
+        mask: torch.Tensor | None,
+        write: bool,
+        segment: int | None = None,
+    ) -> tuple[torch.Tensor, NeuralMemoryState, list[torch.Tensor]]:
         batch, length = self._check_inputs(hidden_states, mask)
         dtype = self.compute_dtype(hidden_states)
         if state is None:
@@ -716,38 +739,48 @@ class NeuralMemory(nn.Module):
 
         # Read and write chunk by chunk, with float32 (or float64) state even under autocast.
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            starts = []
             if not write:
                 reads, new_state = memory_mlp(state.weights, q, self.residual), state
+                if segment is not None:  # nothing is written: every segment starts from the same weights
+                    segments = -(-length // segment)
+                    starts = [w.unsqueeze(1).expand(-1, segments, *w.shape[1:]) for w in state.weights]
             else:
                 # Autocast is off here: the gates run in their weights' dtype (under autocast, e.g. MAC, x is bf16).
                 gate_x = x.to(self.lr_proj.weight.dtype)
                 gates = [self.lr(gate_x), self.log_momentum(gate_x), self.log_retention(gate_x)]
                 lr, log_momentum, log_retention = (None if g is None else g.to(dtype).transpose(1, 2) for g in gates)
                 tokens = MemoryInputs(q, k, v, lr, log_momentum, log_retention)
-                reads, new_state = self._read_write(state, tokens, counts)
+                reads, new_state, starts = self._read_write(state, tokens, counts, segment)
                 new_state.conv = conv_tail
-        return packing.unpack(self.output(reads, x)), new_state
+        return packing.unpack(self.output(reads, x)), new_state, starts
 
     def _read_write(
-        self, state: NeuralMemoryState, tokens: MemoryInputs, counts: torch.Tensor | None
-    ) -> tuple[torch.Tensor, NeuralMemoryState]:
+        self, state: NeuralMemoryState, tokens: MemoryInputs, counts: torch.Tensor | None, segment: int | None = None
+    ) -> tuple[torch.Tensor, NeuralMemoryState, list[torch.Tensor]]:
         """Reads and writes the block's tokens (heads-first, (batch, heads, length, ...)), continuing each sequence
         from wherever it stopped: lays the tokens out in runs (:class:`ChunkSchedule`), runs them in closed form
         (:meth:`_run_chunks`) and gathers each token's read. One real token per sequence (decoding) takes the plain
-        recurrence, :meth:`_step`."""
+        recurrence, :meth:`_step`. With ``segment``, also the fast weights at the start of every ``segment``
+        tokens (see :meth:`forward`), else ``[]``."""
         q = tokens.queries
         batch, _, length, _ = q.shape
-        if length == 1 and counts is None:
-            return self._step(state, tokens)
+        if length == 1 and counts is None and segment is None:
+            return *self._step(state, tokens), []
         schedule = ChunkSchedule.plan(state, counts, length, batch, q.device)
         if schedule is None:  # no real token in any sequence
-            return q.new_zeros(q.shape), state
+            return q.new_zeros(q.shape), state, []
         slotted = tokens.apply(schedule.to_slots)
         streams = (slotted.queries, slotted.keys, self._targets(slotted.keys, slotted.values))
         streams += (slotted.lr, slotted.log_momentum, slotted.log_retention)
         pieces = zip(*(schedule.split(t) for t in streams))
         anchors = self._anchors(q.dtype)
-        reads, carry = self._run_chunks(state, schedule, pieces, anchors, self._whole_chunks(schedule, slotted))
+        starts = [] if segment is None else [state.weights]
+        reads, carry = self._run_chunks(
+            state, schedule, pieces, anchors, self._whole_chunks(schedule, slotted), starts
+        )
+        if segment is not None:  # the weights at every segment start, stacked per layer over the segments
+            starts = [torch.stack(at_layer, dim=1) for at_layer in zip(*starts[:: segment // self.chunk_size])]
         reads = schedule.join(reads)
         if self.residual:
             reads = reads + slotted.queries
@@ -755,7 +788,7 @@ class NeuralMemory(nn.Module):
         new_state = self._new_state(
             state, *self._unstack(carry, anchors), carry, state.seen + schedule.written, common_seen
         )
-        return schedule.to_tokens(reads), new_state
+        return schedule.to_tokens(reads), new_state, starts
 
     def _targets(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """What the memory's MLP must map the keys to: the values, or ``v - k`` for the residual ``M(z) = z + MLP(z)``."""
@@ -779,13 +812,15 @@ class NeuralMemory(nn.Module):
         pieces,
         anchors: list[torch.Tensor],
         whole_chunks: list[ChunkCoefficients | None],
+        boundaries: list[list[torch.Tensor]] | None = None,
     ) -> tuple[list[torch.Tensor], _ChunkCarry]:
         """The runs of the schedule in order, each in closed form (:func:`~memory_ops.chunk_update`): the reads of each
         run and the state after the last.
 
         A run that continues a chunk (the first run, unless every sequence is on a boundary) or stops inside one also
         carries the chunk's own update ``[A; B]``; a run that reaches a boundary closes its chunk
-        (:meth:`_close_chunk`).
+        (:meth:`_close_chunk`). ``boundaries``, if given, receives the weights at every boundary a run closes
+        before the block's last token (a host-known schedule only).
         """
         carry = self._carry(state, anchors)
         num_slots = 1 if state.momentum is None else 2
@@ -820,6 +855,8 @@ class NeuralMemory(nn.Module):
                 carry.lr_sum = _where_batch(active, carry.lr_sum + lr_n.sum(-1), carry.lr_sum)
             if _any(closes):
                 carry = self._close_chunk(closes, carry, anchors)
+                if boundaries is not None and closes is True and n * self.chunk_size < schedule.length:
+                    boundaries.append(carry.boundary)
         return reads, carry
 
     def _carry(self, state: NeuralMemoryState, anchors: list[torch.Tensor]) -> _ChunkCarry:
@@ -959,12 +996,15 @@ class NeuralMemory(nn.Module):
         weights: list[torch.Tensor],
         conv_tail: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        segment: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Read-only retrieval ``M_W(q)`` with fixed ``weights`` (no write), e.g. MAC's ``h = M*_{t-1}(q)``.
 
         The queries go through the same projection, causal conv + SiLU and l2-norm as in :meth:`forward`, with their
         own conv tail ``conv_tail`` (batch, conv_kernel - 1, heads * head_dim; ``None``: the start of a stream).
-        Returns the memory output (shape of ``hidden_states``, zeros at masked tokens) and the new conv tail.
+        With ``segment``, every ``segment`` tokens read with their own weights: ``weights[l]`` is (batch, segments,
+        heads, d_in, d_out) (:meth:`forward` with ``segment``). Returns the memory output (shape of ``hidden_states``, zeros at
+        masked tokens) and the new conv tail.
         """
         batch, length = self._check_inputs(hidden_states, mask)
         dtype = self.compute_dtype(hidden_states)
@@ -979,8 +1019,15 @@ class NeuralMemory(nn.Module):
         # Through the module, not its weight: adapters (PEFT's LoRA) and hooks on `qkv_proj` must see every call.
         queries, new_tail = self.causal_conv(self.qkv_proj(x)[..., :inner], conv_tail, conv_weight, counts)
         queries = queries.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2).to(dtype)
+        queries = F.normalize(queries, dim=-1)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            reads = memory_mlp([w.to(dtype) for w in weights], F.normalize(queries, dim=-1), self.residual)
+            if segment is None:
+                reads = memory_mlp([w.to(dtype) for w in weights], queries, self.residual)
+            else:  # (batch, heads, segments, segment, d) queries against (batch, heads, segments, d_in, d_out) weights
+                segments = weights[0].shape[1]
+                by_segment = _pad_time(queries, segments * segment).unflatten(2, (segments, segment))
+                weights = [w.to(dtype).transpose(1, 2) for w in weights]
+                reads = memory_mlp(weights, by_segment, self.residual).flatten(2, 3)[:, :, :length]
         return packing.unpack(self.output(reads, x)), new_tail
 
     # ---------------------------------------------------------------------------------------------------- checks
