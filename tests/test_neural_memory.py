@@ -255,6 +255,37 @@ def test_retrieve_reads_without_writing():
     torch.testing.assert_close(padded[1:, 3:], alone, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("write", [True, False])
+def test_weights_at_segment_starts_equal_the_states_segment_by_segment(write):
+    """``forward(..., segment=S)`` (MAC's all-segments-at-once path) returns the fast weights at every segment start:
+    those of the state after each segment read alone; retrieve(segment=S) reads each segment with its own."""
+    memory = make_memory(chunk_size=4)
+    x = inputs(batch=2, length=19)  # segments of 8 (two chunks): 8, 8 and a partial 3
+    out, state, starts = memory(x, write=write, segment=8)
+    assert [tuple(w.shape) for w in starts] == [(2, 3, *w.shape) for w in memory.initial_weights]
+    running, pieces, reads = None, [], []
+    for begin in range(0, 19, 8):
+        weights = memory.initial_state(2, dtype=torch.float64).weights if running is None else running.weights
+        for w, start in zip(weights, starts):
+            torch.testing.assert_close(start[:, begin // 8], w, atol=1e-12, rtol=0)
+        tail = None if begin == 0 else memory.retrieve(x[:, :begin], weights)[1]  # the query conv runs on
+        reads.append(memory.retrieve(x[:, begin : begin + 8], weights, tail)[0])
+        if write:
+            piece, running = memory(x[:, begin : begin + 8], running)
+            pieces.append(piece)
+    if write:
+        torch.testing.assert_close(out, torch.cat(pieces, 1), atol=1e-12, rtol=0)
+        assert_state_equal(state, running)
+    else:
+        torch.testing.assert_close(out, memory(x, write=False)[0], atol=0, rtol=0)
+    at_once, _ = memory.retrieve(x, starts, segment=8)
+    torch.testing.assert_close(at_once, torch.cat(reads, 1), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="segment=6"):
+        memory(x, segment=6)  # not whole chunks
+    with pytest.raises(ValueError, match="segment=8"):
+        memory(x[:, 3:], memory(x[:, :3])[1], segment=8)  # the stream stands mid-segment
+
+
 def test_gradients_reach_every_parameter():
     memory = make_memory(chunk_size=2, hidden_size=6, head_dim=3, expansion=2)
     x = inputs(batch=1, length=5, hidden=6)
