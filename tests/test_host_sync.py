@@ -82,3 +82,25 @@ def test_padding_falls_back_to_the_device_schedule():
         cache = model(x, attention_mask=mask, use_cache=True).cache
     assert cache.common_seen is None
     assert all(layer.memory.common_seen is None for layer in cache.layers if layer.memory is not None)
+
+
+def test_generate_reads_the_device_only_for_a_given_mask():
+    """generate() without an attention mask (Transformers >= 5.2x makes none for unpadded inputs) reads nothing inside
+    the model, prefill and steps alike; with the tokenizer's mask of ones, one read per call (whether the new tokens
+    are all real: it decides the schedule). generate's own stopping checks read on their own, outside the model."""
+    model = tiny_model("mac", dtype=torch.float32)
+    x = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    forward, inside = model.forward, []
+
+    def counted(*args, **kwargs):
+        before = sum(reads.calls.values())
+        out = forward(*args, **kwargs)
+        inside.append(sum(reads.calls.values()) - before)
+        return out
+
+    model.forward = counted
+    for mask, expected in ((None, 0), (torch.ones_like(x), 1)):
+        inside.clear()
+        with HostReads() as reads:
+            model.generate(x, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert inside == [expected] * 6, (mask is None, inside)
