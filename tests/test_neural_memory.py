@@ -284,6 +284,10 @@ def test_weights_at_segment_starts_equal_the_states_segment_by_segment(write):
         memory(x, segment=6)  # not whole chunks
     with pytest.raises(ValueError, match="segment=8"):
         memory(x[:, 3:], memory(x[:, :3])[1], segment=8)  # the stream stands mid-segment
+    padded = torch.ones(2, 8, dtype=torch.long)
+    padded[0, 0] = 0
+    with pytest.raises(ValueError, match="segment=8"):  # after padding the position is not known on the host
+        memory(x[:, 8:16], memory(x[:, :8], mask=padded)[1], segment=8)
 
 
 def test_gradients_reach_every_parameter():

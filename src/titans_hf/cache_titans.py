@@ -80,10 +80,6 @@ class SegmentState(BatchTensors):
     start_weights: list[torch.Tensor] | None = None
     read_conv: torch.Tensor | None = None
 
-    def key_values(self) -> list[torch.Tensor]:
-        """The attention tensors (keys and values of the reads, then of the tokens), in the order attention sees them."""
-        return [t for t in (self.read_keys, self.read_values, self.keys, self.values) if t is not None]
-
 
 # Fields of the attention states that hold memory weights: they keep the memory's dtype (float32 under bf16).
 _MEMORY_FIELDS = ("start_weights",)

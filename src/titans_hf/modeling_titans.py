@@ -442,7 +442,7 @@ class TitansAttention(nn.Module):
             take_new = incoming.view(incoming.shape[0], 1, -1, 1)
             fresh = _merge_key_values(fresh, state, lambda t, old: torch.where(take_new, t, old))
         real = incoming if cached is None else incoming | cached
-        halves = len(fresh.key_values()) // 2  # memory reads and tokens, or tokens only
+        halves = 1 if fresh.read_keys is None else 2  # memory reads and tokens, or tokens only
         mask = segment_mask_function(self.num_persistent, x.shape[1], real.repeat(1, halves))
         out, weights = self._attend_segment(queries, fresh, mask)
         return self.o_proj(out), weights, fresh

@@ -374,6 +374,14 @@ class ChunkSchedule:
     def slots(self) -> int:
         return self.first_run + self.chunks * self.size
 
+    def last_token(self, n: int, heads: int) -> torch.Tensor:
+        """Per sequence and head (batch, heads), the run ``n``'s slot after which the state is carried: its last real
+        token (0 for a sequence with none)."""
+        n_in, batch = self.run_counts[n], self.written.shape[0]
+        if isinstance(n_in, int):
+            return torch.full((batch, heads), n_in - 1, device=self.written.device, dtype=torch.long)
+        return (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, heads)
+
     def to_slots(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """A per-token stream (batch, heads, length, ...) laid out in slots; identity slots hold zeros."""
         if t is None:
@@ -704,7 +712,10 @@ class NeuralMemory(nn.Module):
             ``(output, new_state)`` (and the weights, with ``segment``); ``output`` has the shape of ``hidden_states``.
         """
         if segment is not None and (
-            mask is not None or segment % self.chunk_size or state is not None and (state.common_seen or 0) % segment
+            mask is not None
+            or segment % self.chunk_size
+            or state is not None
+            and (state.common_seen is None or state.common_seen % segment)
         ):
             raise ValueError(
                 f"segment={segment}: the weights at segment starts need real tokens only (no mask), segments of whole "
@@ -824,27 +835,24 @@ class NeuralMemory(nn.Module):
         """
         carry = self._carry(state, anchors)
         num_slots = 1 if state.momentum is None else 2
-        batch, device = state.seen.shape[0], state.seen.device
         reads = []
         for n, (q_n, k_n, t_n, lr_n, log_mom_n, log_ret_n) in enumerate(pieces):
             if q_n.shape[2] == 0:
                 continue
             n_in, closes = schedule.run_counts[n], schedule.closes[n]  # host ints and bools, or (batch,) tensors
             active = n_in > 0
-            if isinstance(n_in, int):
-                last = torch.full((batch, self.num_heads), n_in - 1, device=device, dtype=torch.long)
-            else:
-                last = (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, self.num_heads)
             stops_inside = (active and not closes) if isinstance(closes, bool) else active & ~closes
             continuing = n == 0 and schedule.first_run > 0 or _any(stops_inside)
             key_side = memory_errors(carry.boundary, k_n, t_n)  # the keys at the chunk's start weights
             kappa = step_curvature(key_side[0], key_side[3])
             if continuing:
+                last = schedule.last_token(n, self.num_heads)
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, carry.lr_sum, kappa)
                 stacked = [torch.cat([r, u], dim=2) for r, u in zip(carry.running, carry.update)]
             elif n > 0 and whole_chunks[n - 1] is not None:
                 c_n, stacked = whole_chunks[n - 1].divided_by(kappa), carry.running
             else:
+                last = schedule.last_token(n, self.num_heads)
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, curvature=kappa)
                 stacked = carry.running
             y, carried = chunk_update(stacked, carry.boundary, q_n, k_n, t_n, c_n, anchors, key_side=key_side)
