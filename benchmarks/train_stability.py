@@ -37,7 +37,7 @@ from common import (  # noqa: E402
 )
 from lm_quality import DATA, FULL, Crops  # noqa: E402
 
-from titans_hf import neural_memory  # noqa: E402
+from titans_hf import memory_ops, neural_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,7 +55,12 @@ def main() -> None:
     args = parser.parse_args()
     setup(args.threads)
     if args.no_curvature:
-        neural_memory.step_curvature = lambda inputs, deltas: torch.ones_like(deltas[-1][..., 0])
+        # Both users: the chunks (memory_ops: forward and the backward's recomputation; a curvature of 1 is on the
+        # clamp's flat side, so its gradient is zero) and the one-token step (neural_memory).
+        def unit_curvature(inputs, deltas):
+            return torch.ones_like(deltas[-1][..., 0])
+
+        memory_ops.step_curvature = neural_memory.step_curvature = unit_curvature
 
     reads: list[float] = []  # the memory's per-head reads go through F.rms_norm: record their largest RMS
     rms_norm = F.rms_norm

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from reference_memory import reference_forward
 from torch.func import functional_call
 
-from titans_hf.memory_ops import CausalConvSiLU, ChunkCoefficients, ChunkFunction, chunk_forward, memory_errors
+from titans_hf.memory_ops import CausalConvSiLU, ChunkCoefficients, ChunkFunction, chunk_forward
 from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
 
 
@@ -384,21 +384,37 @@ def test_bad_inputs_are_named():
 
 @pytest.mark.parametrize("momentum", [True, False])
 def test_whole_chunks_coefficients_at_once_equal_each_chunk_with_its_curvature(momentum):
-    """The training path computes the gates' part of every whole chunk's coefficients at once and divides each
-    chunk's steps by its curvature when it is reached: equal to from_gates with that curvature, float64."""
+    """The training path computes the gates' part of every whole chunk's coefficients at once (equal to each chunk's
+    own), and each chunk divides its steps by its curvature when it is reached: the gain and the written weights
+    equal a per-token sum of the closed form's definition, float64."""
     torch.manual_seed(0)
-    chunks, batch, heads, size = 3, 2, 2, 5
+    chunks, batch, heads, size, max_lr = 3, 2, 2, 5, 0.4
     lr = torch.rand(chunks, batch, heads, size, dtype=torch.float64) * 0.3
     log_momentum = -torch.rand(chunks, batch, heads, size, dtype=torch.float64) if momentum else None
     log_retention = -torch.rand(chunks, batch, heads, size, dtype=torch.float64)
     kappa = 1.0 + 3.0 * torch.rand(chunks, batch, heads, size, dtype=torch.float64)
-    at_once = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, 0.4)
+    at_once = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, max_lr)
     for n in range(chunks):
         pieces = (lr[n], None if log_momentum is None else log_momentum[n], log_retention[n])
-        expected = ChunkCoefficients.from_gates(*pieces, 0.4, curvature=kappa[n])
-        got = ChunkCoefficients(*(f[n] for f in fields_of(at_once))).divided_by(kappa[n])
-        for g, e in zip(fields_of(got), fields_of(expected)):
+        own = ChunkCoefficients.from_gates(*pieces, max_lr)
+        got = ChunkCoefficients(*(f[n] for f in fields_of(at_once)))
+        for g, e in zip(fields_of(got), fields_of(own)):
             torch.testing.assert_close(g, e, atol=1e-14, rtol=1e-13)
+        # G_ij = g_j sum_{l=j..i} (beta_i / beta_l)(m_l / m_j), g_j = (1 - eta_j) theta_j / kappa_j; gain = -2 G / n_i.
+        got = got.divided_by(kappa[n])
+        r = log_retention[n].exp()
+        eta = torch.zeros_like(r) if log_momentum is None else log_momentum[n].exp()
+        g = (1 - eta) * lr[n] / kappa[n]
+        n_i = torch.clamp(lr[n].cumsum(-1) / max_lr, min=1.0)
+        expected = torch.zeros(batch, heads, size, size, dtype=torch.float64)
+        for i in range(size):
+            for j in range(i + 1):
+                for t in range(j, i + 1):
+                    expected[..., i, j] += (
+                        g[..., j] * r[..., t + 1 : i + 1].prod(-1) * eta[..., j + 1 : t + 1].prod(-1)
+                    )
+        torch.testing.assert_close(got.gain, -2.0 * expected / n_i.unsqueeze(-1), atol=1e-14, rtol=1e-12)
+        torch.testing.assert_close(got.write[..., 0], got.gain[..., -1, :], atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------- hand backward
@@ -407,10 +423,10 @@ def test_whole_chunks_coefficients_at_once_equal_each_chunk_with_its_curvature(m
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("continuing", [False, True], ids=["from-boundary", "continuing"])
-@pytest.mark.parametrize("given_key_side", [False, True], ids=["own-key-side", "given-key-side"])
-def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing, given_key_side):
-    """ChunkFunction's backward against autograd through the plain chunk_forward, float64, every input: a run from a
-    chunk boundary on ``[D; S]`` and a run that continues a chunk on ``[D; S; A; B]`` (with the budget acting)."""
+def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing):
+    """ChunkFunction's backward against autograd through the plain chunk_forward, float64, every input (the step
+    curvature's gradient included): a run from a chunk boundary on ``[D; S]`` and a run that continues a chunk on
+    ``[D; S; A; B]`` (with the budget acting)."""
     torch.manual_seed(depth)
     batch, heads, chunk, dim, hidden = 2, 2, 5, 3, 4
     dims = [dim] + [hidden] * (depth - 1) + [dim]
@@ -442,10 +458,7 @@ def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing
         return (reads, *new_states)
 
     def fast_path():
-        # The memory hands the chunk the key side it computed for the step curvature: values only, recomputed in
-        # backward (given_key_side); or the chunk computes it.
-        given = memory_errors(inputs[7 : 7 + depth], inputs[1], inputs[2]) if given_key_side else ()
-        return ChunkFunction.apply(depth, *inputs, *(t.detach() for part in given for t in part))
+        return ChunkFunction.apply(depth, *inputs)
 
     fast = fast_path()
     slow = slow_path()

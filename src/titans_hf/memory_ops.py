@@ -116,6 +116,29 @@ def step_curvature(inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> to
     return (total / error.clamp(min=torch.finfo(error.dtype).tiny)).clamp(min=1.0)
 
 
+def _backward_curvature(
+    inputs: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    curvature: torch.Tensor,
+    d_curvature: torch.Tensor,
+    d_abars: list[torch.Tensor | None],
+    d_deltas: list[torch.Tensor | None],
+) -> None:
+    """The backward of :func:`step_curvature` by hand, added into ``d_abars`` and ``d_deltas``: with
+    ``kappa = total / error`` where it exceeds 1 (its gradient is zero on the clamp's flat side, ``kappa = 1``),
+    ``total = sum_l |abar_l|^2 |delta_l|^2`` and ``error = |delta_last|^2``."""
+    error = deltas[-1].pow(2).sum(-1)
+    clamped = error.clamp(min=torch.finfo(error.dtype).tiny)
+    d_total = torch.where(curvature > 1.0, d_curvature, 0.0) / clamped  # d kappa / d total = 1 / error
+    d_error = torch.where(error >= torch.finfo(error.dtype).tiny, -d_total * curvature, 0.0)
+    for layer, (a, d) in enumerate(zip(inputs, deltas)):
+        d_abars[layer] = _accumulate(d_abars[layer], a * (2.0 * d_total * d.pow(2).sum(-1)).unsqueeze(-1))
+        d_delta = d * (2.0 * d_total * a.pow(2).sum(-1)).unsqueeze(-1)
+        if layer == len(deltas) - 1:
+            d_delta = d_delta + d * (2.0 * d_error).unsqueeze(-1)
+        d_deltas[layer] = _accumulate(d_deltas[layer], d_delta)
+
+
 @dataclass
 class ChunkCoefficients:
     """The scalars of the closed form for one run of tokens inside a chunk (leading dims: batch, heads).
@@ -151,12 +174,9 @@ class ChunkCoefficients:
         max_lr: float,
         last: torch.Tensor | None = None,
         lr_before: torch.Tensor | None = None,
-        curvature: torch.Tensor | None = None,
     ) -> ChunkCoefficients:
-        """From per-token gates ``theta``, ``log eta``, ``log r`` (..., C), as exp of segment sums of logs.
-
-        ``curvature`` (..., C): each token's :func:`step_curvature` ``kappa``; its step is ``theta / kappa`` (default
-        1), while the budget ``n`` counts ``theta``.
+        """From per-token gates ``theta``, ``log eta``, ``log r`` (..., C), as exp of segment sums of logs, with every
+        step curvature ``kappa = 1``: :func:`chunk_forward` divides by the chunk's own (:meth:`divided_by`).
 
         ``last`` (shape ``lr.shape[:-1]``, int64) is the token after which the state is carried (default: the last
         slot): slots after it must not move the state (with momentum, ``D_t = r D_{t-1} + S_t`` moves ``D`` even
@@ -169,7 +189,6 @@ class ChunkCoefficients:
         beta = torch.exp(torch.cumsum(log_retention, dim=-1))
         before = 0.0 if lr_before is None else lr_before.unsqueeze(-1)
         scale = 1.0 / torch.clamp((before + torch.cumsum(lr, dim=-1)) / max_lr, min=1.0)  # 1 / n_i
-        theta = lr if curvature is None else lr / curvature  # the write step of each token
 
         def at_last(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
             if last is None:
@@ -179,11 +198,11 @@ class ChunkCoefficients:
             return x.gather(-1, last.unsqueeze(-1)).squeeze(-1)
 
         if log_momentum is None:
-            gain = retention_decay * (-2.0 * theta).unsqueeze(-2) * scale.unsqueeze(-1)
+            gain = retention_decay * (-2.0 * lr).unsqueeze(-2) * scale.unsqueeze(-1)
             read, write = beta.unsqueeze(-1), at_last(gain, rows=True).unsqueeze(-1)
             transition = at_last(beta)[..., None, None]
         else:
-            step = 2.0 * theta * torch.expm1(log_momentum)  # -2 g_j = -2 (1 - eta_j) theta_j / kappa_j
+            step = 2.0 * lr * torch.expm1(log_momentum)  # -2 g_j = -2 (1 - eta_j) theta_j (kappa_j = 1)
             momentum_decay = torch.exp(segsum(log_momentum))  # m_i / m_j for j <= i, else 0
             m = torch.exp(torch.cumsum(log_momentum, dim=-1))
             gain = (retention_decay @ momentum_decay) * step.unsqueeze(-2) * scale.unsqueeze(-1)
@@ -207,11 +226,11 @@ class ChunkCoefficients:
         return cls(read, gain, torch.cat([write, write], dim=-1), torch.cat([top, bottom], dim=-2))
 
     def divided_by(self, curvature: torch.Tensor) -> ChunkCoefficients:
-        """The coefficients of the same gates with each token's write step divided by its ``curvature`` (..., C):
-        ``gain`` and ``write`` are linear in the steps (their column / row ``j``), ``read`` and ``transition`` do not
-        depend on them. So the gates' part of a whole chunk is computed for all chunks at once (``from_gates``
-        without curvature, chunks folded into the leading dimensions), and each chunk divides by its own
-        ``kappa``, known only when the chunk is reached."""
+        """The coefficients of the same gates with each token's write step divided by its ``curvature`` (..., C),
+        while the budget ``n`` still counts ``theta``: ``gain`` and ``write`` are linear in the steps (their column /
+        row ``j``), ``read`` and ``transition`` do not depend on them. So the gates' part of a whole chunk is computed
+        for all chunks at once (chunks folded into the leading dimensions), and each chunk divides by its own
+        ``kappa``, known only when the chunk is reached (in :func:`chunk_forward`)."""
         return ChunkCoefficients(
             self.read, self.gain / curvature.unsqueeze(-2), self.write / curvature.unsqueeze(-1), self.transition
         )
@@ -225,7 +244,6 @@ def chunk_forward(
     targets: torch.Tensor,
     coefficients: ChunkCoefficients,
     anchors: list[torch.Tensor],
-    key_side: tuple | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
     """A run of tokens of one chunk in closed form (docs/design.md §3): read every token, carry the state past the last.
 
@@ -237,10 +255,9 @@ def chunk_forward(
             (batch, heads, d_in, d_out) per layer.
         queries, keys: (batch, heads, chunk, head_dim).
         targets: what the memory MLP must map the keys to (see :func:`memory_errors`), (batch, heads, chunk, head_dim).
-        coefficients: the run's :class:`ChunkCoefficients`.
+        coefficients: the run's :class:`ChunkCoefficients` from the gates, divided here by each token's
+            :func:`step_curvature` at the chunk's start weights.
         anchors: ``W_0`` per layer, (1, heads, d_in, d_out).
-        key_side: :func:`memory_errors` of ``gradient_weights``, ``keys`` and ``targets`` if already computed (the
-            step curvature needs them first); computed here otherwise.
 
     Each layer's per-token gradient is rank one, so the pre-activation of layer ``l`` for query ``i`` is
     ``a_i W_0 + sum_s read_is a_i state_s + sum_j gain_ij (a_i . abar_j) delta_j`` (``a``: query-side input of the
@@ -251,8 +268,8 @@ def chunk_forward(
     backward. Returns the MLP part of the reads (batch, heads, chunk, head_dim), the state after the run's last
     token, and the intermediates that backward needs.
     """
-    c = coefficients
-    inputs, key_pre, errors, deltas = key_side or memory_errors(gradient_weights, keys, targets)
+    inputs, key_pre, errors, deltas = memory_errors(gradient_weights, keys, targets)
+    c = coefficients.divided_by(step_curvature(inputs, deltas))
 
     a, query_pre = queries, []
     for layer, (state, abar, delta) in enumerate(zip(states, inputs, deltas)):
@@ -294,22 +311,15 @@ class ChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, depth, queries, keys, targets, read, gain, write, transition, *tensors):
-        """``tensors``: the gradient weights, states and anchors (``depth`` each), then optionally the key side
-        (:func:`memory_errors`' inputs, pre-activations, errors and deltas), used as values only: the backward
-        recomputes it and differentiates through the weights, keys and targets."""
-        weights_and_states = tensors[: 3 * depth]
+    def forward(ctx, depth, queries, keys, targets, read, gain, write, transition, *weights_and_states):
+        """``weights_and_states``: the gradient weights, states and anchors, ``depth`` each."""
         gradient_weights, states = weights_and_states[:depth], weights_and_states[depth : 2 * depth]
         anchors = weights_and_states[2 * depth :]
-        key_side = None
-        if len(tensors) > 3 * depth:
-            rest = list(tensors[3 * depth :])
-            key_side = (rest[:depth], rest[depth : 2 * depth - 1], rest[2 * depth - 1 : 3 * depth - 2], rest[-depth:])
         coefficients = ChunkCoefficients(read, gain, write, transition)
         reads, new_states, (_, last_delta, query_pre) = chunk_forward(
-            list(states), list(gradient_weights), queries, keys, targets, coefficients, list(anchors), key_side
+            list(states), list(gradient_weights), queries, keys, targets, coefficients, list(anchors)
         )
-        ctx.depth, ctx.num_key_side = depth, len(tensors) - 3 * depth
+        ctx.depth = depth
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(
             queries, keys, read, gain, write, transition, last_delta, *weights_and_states, *query_pre
@@ -339,18 +349,19 @@ class ChunkFunction(torch.autograd.Function):
                 list(grad_states),
             )
         d_coefficients, d_weights, d_states, d_anchors, d_queries, d_keys, d_targets = grads
-        key_side = [None] * ctx.num_key_side
-        return (None, d_queries, d_keys, d_targets, *d_coefficients, *d_weights, *d_states, *d_anchors, *key_side)
+        return (None, d_queries, d_keys, d_targets, *d_coefficients, *d_weights, *d_states, *d_anchors)
 
 
 @dataclass
 class _KeySide:
-    """The keys' forward and errors at the chunk's start weights (:func:`memory_errors`), recomputed in backward."""
+    """The keys' forward and errors at the chunk's start weights (:func:`memory_errors`) and the step curvature,
+    recomputed in backward."""
 
     inputs: list[torch.Tensor]  # abar_l
     pre_activations: list[torch.Tensor]  # pbar_l, every layer but the last
     errors: list[torch.Tensor]  # e_l, every layer but the last
     deltas: list[torch.Tensor]  # delta_l
+    curvature: torch.Tensor  # kappa
 
     @classmethod
     def recompute(cls, weights: list[torch.Tensor], keys: torch.Tensor, last_delta: torch.Tensor) -> _KeySide:
@@ -362,7 +373,7 @@ class _KeySide:
         for layer in range(len(weights) - 2, -1, -1):
             errors.append(deltas[0] @ weights[layer + 1].transpose(-1, -2))
             deltas.insert(0, torch.ops.aten.gelu_backward(errors[-1], pre_activations[layer]))
-        return cls(inputs, pre_activations, errors[::-1], deltas)
+        return cls(inputs, pre_activations, errors[::-1], deltas, step_curvature(inputs, deltas))
 
 
 def chunk_backward(
@@ -377,22 +388,35 @@ def chunk_backward(
     grad_reads: torch.Tensor | None,
     grad_states: list[torch.Tensor | None],
 ) -> tuple:
-    """The backward of :func:`chunk_forward` by hand, in three phases: the reads (:func:`_backward_reads`), the carried
-    state (:func:`_backward_carry`), and the keys' side (:func:`_backward_key_side`, through the errors and the keys'
-    forward into the gradient weights, keys and targets). Gradients that do not flow are ``None``.
+    """The backward of :func:`chunk_forward` by hand, in four phases: the reads (:func:`_backward_reads`), the carried
+    state (:func:`_backward_carry`), the step curvature the coefficients were divided by (:func:`_backward_curvature`)
+    and the keys' side (:func:`_backward_key_side`, through the errors and the keys' forward into the gradient
+    weights, keys and targets). Gradients that do not flow are ``None``.
 
     Returns ``(d_coefficients as (read, gain, write, transition), d_weights, d_states, d_anchors, d_queries, d_keys,
     d_targets)``.
     """
     depth = len(weights)
     key_side = _KeySide.recompute(weights, keys, last_delta)
+    kappa = key_side.curvature
+    c = coefficients.divided_by(kappa)
     # Gradients with respect to the keys' side, accumulated over the phases.
     d_abars: list[torch.Tensor | None] = [None] * depth
     d_deltas: list[torch.Tensor | None] = [None] * depth
     d_read, d_gain, d_states, d_anchors, d_queries = _backward_reads(
-        coefficients, states, anchors, queries, query_pre, key_side, grad_reads, d_abars, d_deltas
+        c, states, anchors, queries, query_pre, key_side, grad_reads, d_abars, d_deltas
     )
-    d_write, d_transition = _backward_carry(coefficients, states, key_side, grad_states, d_states, d_abars, d_deltas)
+    d_write, d_transition = _backward_carry(c, states, key_side, grad_states, d_states, d_abars, d_deltas)
+    # gain_ij = gain0_ij / kappa_j and write_js = write0_js / kappa_j: their gradients, and kappa's.
+    d_kappa = None
+    if d_gain is not None:
+        d_kappa = -(d_gain * c.gain).sum(-2)
+        d_gain = d_gain / kappa.unsqueeze(-2)
+    if d_write is not None:
+        d_kappa = _accumulate(d_kappa, -(d_write * c.write).sum(-1))
+        d_write = d_write / kappa.unsqueeze(-1)
+    if d_kappa is not None:
+        _backward_curvature(key_side.inputs, key_side.deltas, kappa, d_kappa / kappa, d_abars, d_deltas)
     d_weights, d_keys, d_targets = _backward_key_side(weights, key_side, d_abars, d_deltas)
     d_coefficients = (d_read, d_gain, d_write, d_transition)
     return d_coefficients, d_weights, d_states, d_anchors, d_queries, d_keys, d_targets
@@ -549,16 +573,15 @@ class CausalConvSiLU(torch.autograd.Function):
         return d_padded, d_weight
 
 
-def chunk_update(*inputs, key_side: tuple | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def chunk_update(*inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`chunk_forward` (same arguments) without its intermediates, through :class:`ChunkFunction` when gradients
     are needed."""
     states, gradient_weights, queries, keys, targets, c, anchors = inputs
     flat = (queries, keys, targets, c.read, c.gain, c.write, c.transition, *gradient_weights, *states, *anchors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
-        given = [] if key_side is None else [t.detach() for part in key_side for t in part]
-        reads, *new_states = ChunkFunction.apply(len(states), *flat, *given)
+        reads, *new_states = ChunkFunction.apply(len(states), *flat)
         return reads, new_states
-    reads, new_states, _ = chunk_forward(*inputs, key_side=key_side)
+    reads, new_states, _ = chunk_forward(*inputs)
     return reads, new_states
 
 

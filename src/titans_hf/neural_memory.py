@@ -843,19 +843,17 @@ class NeuralMemory(nn.Module):
             active = n_in > 0
             stops_inside = (active and not closes) if isinstance(closes, bool) else active & ~closes
             continuing = n == 0 and schedule.first_run > 0 or _any(stops_inside)
-            key_side = memory_errors(carry.boundary, k_n, t_n)  # the keys at the chunk's start weights
-            kappa = step_curvature(key_side[0], key_side[3])
             if continuing:
                 last = schedule.last_token(n, self.num_heads)
-                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, carry.lr_sum, kappa)
+                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, carry.lr_sum)
                 stacked = [torch.cat([r, u], dim=2) for r, u in zip(carry.running, carry.update)]
             elif n > 0 and whole_chunks[n - 1] is not None:
-                c_n, stacked = whole_chunks[n - 1].divided_by(kappa), carry.running
+                c_n, stacked = whole_chunks[n - 1], carry.running
             else:
                 last = schedule.last_token(n, self.num_heads)
-                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, curvature=kappa)
+                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last)
                 stacked = carry.running
-            y, carried = chunk_update(stacked, carry.boundary, q_n, k_n, t_n, c_n, anchors, key_side=key_side)
+            y, carried = chunk_update(stacked, carry.boundary, q_n, k_n, t_n, c_n, anchors)
             reads.append(y)
             carry.running = _select_rows(active, [x[:, :, :num_slots] for x in carried], carry.running)
             if continuing:
