@@ -55,12 +55,9 @@ def main() -> None:
     args = parser.parse_args()
     setup(args.threads)
     if args.no_curvature:
-        # Both users: the chunks (memory_ops: forward and the backward's recomputation; a curvature of 1 is on the
-        # clamp's flat side, so its gradient is zero) and the one-token step (neural_memory).
-        def unit_curvature(inputs, deltas):
-            return torch.ones_like(deltas[-1][..., 0])
-
-        memory_ops.step_curvature = neural_memory.step_curvature = unit_curvature
+        # Every user (the chunks' forward and backward, the one-token step) computes kappa from its terms here; a
+        # curvature of 1 is on the clamp's flat side, so the chunks' hand-written backward gives it no gradient.
+        memory_ops._curvature = lambda input_norms, delta_norms: torch.ones_like(delta_norms[-1])
 
     reads: list[float] = []  # the memory's per-head reads go through F.rms_norm: record their largest RMS
     rms_norm = F.rms_norm

@@ -111,32 +111,49 @@ def step_curvature(inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> to
     ``theta / kappa`` changes ``M(k)`` along ``u`` by at most ``2 theta |u|`` (linearised) however large the memory's
     weights have grown; for a depth-1 memory with unit keys ``kappa = 1``. Differentiable (the outer gradient is
     exact); it depends on the error's direction only. Shape: the tokens' (..., C)."""
-    error = deltas[-1].pow(2).sum(-1)
-    total = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in zip(inputs, deltas))
+    return _curvature(*_squared_norms(inputs, deltas))
+
+
+def _squared_norms(inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> tuple[list, list]:
+    """``|abar_l|^2`` and ``|delta_l|^2`` of every token, per layer: the terms of :func:`step_curvature`."""
+    return [a.pow(2).sum(-1) for a in inputs], [d.pow(2).sum(-1) for d in deltas]
+
+
+def _curvature(input_norms: list[torch.Tensor], delta_norms: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`step_curvature` from :func:`_squared_norms`."""
+    total = input_norms[0] * delta_norms[0]
+    for a2, d2 in zip(input_norms[1:], delta_norms[1:]):
+        total = torch.addcmul(total, a2, d2)
+    error = delta_norms[-1]
     return (total / error.clamp(min=torch.finfo(error.dtype).tiny)).clamp(min=1.0)
 
 
 def _backward_curvature(
-    inputs: list[torch.Tensor],
-    deltas: list[torch.Tensor],
-    curvature: torch.Tensor,
+    key_side: _KeySide,
     d_curvature: torch.Tensor,
     d_abars: list[torch.Tensor | None],
     d_deltas: list[torch.Tensor | None],
 ) -> None:
-    """The backward of :func:`step_curvature` by hand, added into ``d_abars`` and ``d_deltas``: with
-    ``kappa = total / error`` where it exceeds 1 (its gradient is zero on the clamp's flat side, ``kappa = 1``),
-    ``total = sum_l |abar_l|^2 |delta_l|^2`` and ``error = |delta_last|^2``."""
-    error = deltas[-1].pow(2).sum(-1)
-    clamped = error.clamp(min=torch.finfo(error.dtype).tiny)
-    d_total = torch.where(curvature > 1.0, d_curvature, 0.0) / clamped  # d kappa / d total = 1 / error
-    d_error = torch.where(error >= torch.finfo(error.dtype).tiny, -d_total * curvature, 0.0)
-    for layer, (a, d) in enumerate(zip(inputs, deltas)):
-        d_abars[layer] = _accumulate(d_abars[layer], a * (2.0 * d_total * d.pow(2).sum(-1)).unsqueeze(-1))
-        d_delta = d * (2.0 * d_total * a.pow(2).sum(-1)).unsqueeze(-1)
-        if layer == len(deltas) - 1:
-            d_delta = d_delta + d * (2.0 * d_error).unsqueeze(-1)
-        d_deltas[layer] = _accumulate(d_deltas[layer], d_delta)
+    """The backward of :func:`step_curvature` by hand, added into ``d_abars`` and ``d_deltas``. Where ``kappa > 1``
+    (its gradient is zero on the clamp's flat side), ``kappa = total / error`` with ``total = sum_l |abar_l|^2
+    |delta_l|^2`` and ``error = |delta_last|^2`` (clamped away from zero), so ``d total = d kappa / error`` and
+    ``d error = -kappa d total``."""
+    kappa, error = key_side.curvature, key_side.delta_norms[-1]
+    tiny = torch.finfo(error.dtype).tiny
+    d_total = torch.where(kappa > 1.0, 2.0 * d_curvature, 0.0) / error.clamp(min=tiny)  # twice d total
+    depth = len(key_side.inputs)
+    for layer, (a, d) in enumerate(zip(key_side.inputs, key_side.deltas)):
+        a2, d2 = key_side.input_norms[layer], key_side.delta_norms[layer]
+        d_abars[layer] = _add_scaled(d_abars[layer], a, d_total * d2)
+        if layer == depth - 1:  # the error's own term; the clamp passes no gradient below ``tiny``
+            a2 = a2 - torch.where(error >= tiny, kappa, 0.0)
+        d_deltas[layer] = _add_scaled(d_deltas[layer], d, d_total * a2)
+
+
+def _add_scaled(total: torch.Tensor | None, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``total + x * scale`` with one scale per token (``scale``: ``x``'s shape without the last dimension)."""
+    scale = scale.unsqueeze(-1)
+    return x * scale if total is None else torch.addcmul(total, x, scale)
 
 
 @dataclass
@@ -361,6 +378,8 @@ class _KeySide:
     pre_activations: list[torch.Tensor]  # pbar_l, every layer but the last
     errors: list[torch.Tensor]  # e_l, every layer but the last
     deltas: list[torch.Tensor]  # delta_l
+    input_norms: list[torch.Tensor]  # |abar_l|^2
+    delta_norms: list[torch.Tensor]  # |delta_l|^2
     curvature: torch.Tensor  # kappa
 
     @classmethod
@@ -373,7 +392,8 @@ class _KeySide:
         for layer in range(len(weights) - 2, -1, -1):
             errors.append(deltas[0] @ weights[layer + 1].transpose(-1, -2))
             deltas.insert(0, torch.ops.aten.gelu_backward(errors[-1], pre_activations[layer]))
-        return cls(inputs, pre_activations, errors[::-1], deltas, step_curvature(inputs, deltas))
+        norms = _squared_norms(inputs, deltas)
+        return cls(inputs, pre_activations, errors[::-1], deltas, *norms, _curvature(*norms))
 
 
 def chunk_backward(
@@ -416,7 +436,7 @@ def chunk_backward(
         d_kappa = _accumulate(d_kappa, -(d_write * c.write).sum(-1))
         d_write = d_write / kappa.unsqueeze(-1)
     if d_kappa is not None:
-        _backward_curvature(key_side.inputs, key_side.deltas, kappa, d_kappa / kappa, d_abars, d_deltas)
+        _backward_curvature(key_side, d_kappa / kappa, d_abars, d_deltas)
     d_weights, d_keys, d_targets = _backward_key_side(weights, key_side, d_abars, d_deltas)
     d_coefficients = (d_read, d_gain, d_write, d_transition)
     return d_coefficients, d_weights, d_states, d_anchors, d_queries, d_keys, d_targets

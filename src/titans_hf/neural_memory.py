@@ -986,15 +986,12 @@ class NeuralMemory(nn.Module):
         """The ``max_weight_rms`` safeguard, applied to each layer's ``[W - W_0; S]`` (batch, heads, s, d_in, d_out)."""
         if self.max_weight_rms is None:
             return states
-        cap = self.max_weight_rms
-        bounded = []
-        for state in states:
-            mean_square = state.pow(2).mean(dim=(-2, -1), keepdim=True)
-            # Branch-free (no host synchronisation): a factor of exactly 1 under the bound, so the normal range is
-            # unchanged bit for bit; finite everywhere (the clamp keeps rsqrt's backward off a zero state).
-            factor = cap * mean_square.clamp(min=cap * cap).rsqrt()
-            bounded.append(state * torch.where(mean_square > cap * cap, factor, 1.0))
-        return bounded
+        # Branch-free (no host synchronisation): the factor min(1, cap / rms) is exactly 1 under the bound (rsqrt(1)
+        # is exact), so the normal range is unchanged bit for bit; finite everywhere, with a zero gradient there.
+        inverse_square = 1.0 / self.max_weight_rms**2
+        return [
+            s * (s.pow(2).mean(dim=(-2, -1), keepdim=True) * inverse_square).clamp(min=1.0).rsqrt() for s in states
+        ]
 
     def retrieve(
         self,
