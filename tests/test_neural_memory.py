@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from reference_memory import reference_forward
 from torch.func import functional_call
 
-from titans_hf.memory_ops import CausalConvSiLU, ChunkCoefficients, ChunkFunction, chunk_forward
+from titans_hf.memory_ops import (
+    CausalConvSiLU,
+    ChunkCoefficients,
+    ChunkFunction,
+    ChunkScan,
+    chunk_forward,
+    safeguard_factor,
+)
 from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
 
 
@@ -470,6 +477,72 @@ def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing
         slow = slow_path()
         got = torch.autograd.grad(fast[:used], inputs, upstream[:used], allow_unused=True)
         expected = torch.autograd.grad(slow[:used], inputs, upstream[:used], allow_unused=True)
+        for g, e in zip(got, expected):
+            if e is None:
+                assert g is None or g.abs().max() == 0
+            else:
+                torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("cap", [None, 0.7], ids=["no-safeguard", "safeguard"])
+def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap):
+    """ChunkScan (the state chunk by chunk, the reads at once, a backward split in an at-once and a sequential part)
+    against ChunkFunction run chunk after chunk with the safeguard at every boundary, autograd through both, float64:
+    the reads, the last state, the weights at every later chunk start, and the gradients of every input. The
+    safeguard's cap is low enough that it acts on some chunks and not on others."""
+    torch.manual_seed(depth)
+    chunks, batch, heads, size, dim, hidden = 4, 2, 2, 5, 3, 4
+    dims = [dim] + [hidden] * (depth - 1) + [dim]
+    slots = 2 if momentum else 1
+    shapes = list(zip(dims[:-1], dims[1:]))
+    scale = torch.tensor([2.0, 0.1], dtype=torch.float64).view(batch, 1, 1, 1, 1)  # above and below the cap
+    running = [scale * torch.randn(batch, heads, slots, a, b, dtype=torch.float64) for a, b in shapes]
+    anchors = [torch.randn(1, heads, a, b, dtype=torch.float64) for a, b in shapes]
+    boundary = [(r[:, :, 0] + w).clone() for r, w in zip(running, anchors)]
+    q, k, t = (torch.randn(chunks, batch, heads, size, dim, dtype=torch.float64) for _ in range(3))
+    lr = torch.rand(chunks, batch, heads, size, dtype=torch.float64)
+    log_momentum = -torch.rand(chunks, batch, heads, size, dtype=torch.float64) if momentum else None
+    log_retention = -0.1 * torch.rand(chunks, batch, heads, size, dtype=torch.float64)
+    coefficients = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, 0.4)
+    inputs = [x.requires_grad_(True) for x in (q, k, t, *fields_of(coefficients), *running, *boundary, *anchors)]
+
+    def per_chunk():
+        q, k, t, read, gain, write, transition = inputs[:7]
+        state, start = inputs[7 : 7 + depth], inputs[7 + depth : 7 + 2 * depth]
+        w0 = inputs[7 + 2 * depth :]
+        reads, starts, acted = [], [], []
+        for n in range(chunks):
+            flat = (q[n], k[n], t[n], read[n], gain[n], write[n], transition[n], *start, *state, *w0)
+            y, *state = ChunkFunction.apply(depth, *flat)
+            if cap is not None:
+                factors = [safeguard_factor(x, cap) for x in state]
+                acted += [(f < 1).flatten().tolist() for f in factors]
+                state = [x * f for x, f in zip(state, factors)]
+            start = [x[:, :, 0] + w for x, w in zip(state, w0)]
+            reads.append(y)
+            starts.append(start)
+        return (torch.stack(reads), *state, *(torch.stack(s) for s in zip(*starts))), acted
+
+    def at_once():
+        return ChunkScan.apply(depth, cap, *inputs)
+
+    slow, acted = per_chunk()
+    fast = at_once()
+    if cap is not None:
+        acted = sum(acted, [])
+        assert any(acted) and not all(acted)  # the safeguard acts on some states, not all
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    upstream = [torch.randn_like(x) for x in fast]
+    # Every output; the reads only (the state gradients arrive as None); the reads and the start weights.
+    for used in (list(range(len(fast))), [0], [0, *range(1 + depth, 1 + 2 * depth)]):
+        fast, slow = at_once(), per_chunk()[0]
+        outputs = [fast[i] for i in used], [slow[i] for i in used]
+        grads = [upstream[i] for i in used]
+        got = torch.autograd.grad(outputs[0], inputs, grads, allow_unused=True)
+        expected = torch.autograd.grad(outputs[1], inputs, grads, allow_unused=True)
         for g, e in zip(got, expected):
             if e is None:
                 assert g is None or g.abs().max() == 0

@@ -27,11 +27,14 @@ __all__ = [
     "CausalConvSiLU",
     "ChunkCoefficients",
     "ChunkFunction",
+    "ChunkScan",
     "chunk_backward",
     "chunk_forward",
+    "chunk_scan",
     "chunk_update",
     "memory_errors",
     "memory_mlp",
+    "safeguard_factor",
     "segsum",
     "step_curvature",
 ]
@@ -242,6 +245,9 @@ class ChunkCoefficients:
         bottom = torch.cat([torch.zeros_like(transition), rho_last * transition], dim=-1)
         return cls(read, gain, torch.cat([write, write], dim=-1), torch.cat([top, bottom], dim=-2))
 
+    def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.read, self.gain, self.write, self.transition
+
     def divided_by(self, curvature: torch.Tensor) -> ChunkCoefficients:
         """The coefficients of the same gates with each token's write step divided by its ``curvature`` (..., C),
         while the budget ``n`` still counts ``theta``: ``gain`` and ``write`` are linear in the steps (their column /
@@ -287,7 +293,20 @@ def chunk_forward(
     """
     inputs, key_pre, errors, deltas = memory_errors(gradient_weights, keys, targets)
     c = coefficients.divided_by(step_curvature(inputs, deltas))
+    reads, query_pre = _chunk_reads(states, inputs, deltas, c, queries, anchors)
+    return reads, _chunk_carry(states, inputs, deltas, c), (key_pre, deltas[-1], query_pre)
 
+
+def _chunk_reads(
+    states: list[torch.Tensor],
+    inputs: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    c: ChunkCoefficients,
+    queries: torch.Tensor,
+    anchors: list[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The reads of a run (:func:`chunk_forward`), given the keys' side and the coefficients divided by the
+    curvature; also the queries' pre-activations of every layer but the last."""
     a, query_pre = queries, []
     for layer, (state, abar, delta) in enumerate(zip(states, inputs, deltas)):
         scores = (a @ abar.transpose(-1, -2)) * c.gain
@@ -298,7 +317,13 @@ def chunk_forward(
             a = F.gelu(p)
         else:
             a = p
+    return a, query_pre
 
+
+def _chunk_carry(
+    states: list[torch.Tensor], inputs: list[torch.Tensor], deltas: list[torch.Tensor], c: ChunkCoefficients
+) -> list[torch.Tensor]:
+    """The state after a run's last token (:func:`chunk_forward`)."""
     new_states = []
     for state, abar, delta in zip(states, inputs, deltas):
         slots, d_in, d_out = state.shape[-3:]
@@ -307,7 +332,7 @@ def chunk_forward(
         scaled_errors = (delta.unsqueeze(-2) * c.write.unsqueeze(-1)).flatten(-2)
         written = (abar.transpose(-1, -2) @ scaled_errors).unflatten(-1, (slots, d_out)).transpose(-2, -3)
         new_states.append(carried + written)
-    return a, new_states, (key_pre, deltas[-1], query_pre)
+    return new_states
 
 
 def _gelu_second_derivative(x: torch.Tensor) -> torch.Tensor:
@@ -381,6 +406,11 @@ class _KeySide:
     input_norms: list[torch.Tensor]  # |abar_l|^2
     delta_norms: list[torch.Tensor]  # |delta_l|^2
     curvature: torch.Tensor  # kappa
+
+    def chunk(self, n: int, chunks: int) -> _KeySide:
+        """Chunk ``n`` of a key side computed with ``chunks`` chunks folded into the batch (chunk-major)."""
+        lists = (self.inputs, self.pre_activations, self.errors, self.deltas, self.input_norms, self.delta_norms)
+        return _KeySide(*([_chunk(x, n, chunks) for x in field] for field in lists), _chunk(self.curvature, n, chunks))
 
     @classmethod
     def recompute(cls, weights: list[torch.Tensor], keys: torch.Tensor, last_delta: torch.Tensor) -> _KeySide:
@@ -603,6 +633,313 @@ def chunk_update(*inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return reads, new_states
     reads, new_states, _ = chunk_forward(*inputs)
     return reads, new_states
+
+
+def safeguard_factor(state: torch.Tensor, max_weight_rms: float) -> torch.Tensor:
+    """The ``max_weight_rms`` safeguard's factor ``min(1, cap / rms)`` for each slot of a layer's state (batch, heads,
+    s, d_in, d_out), as ``rsqrt(max(1, ms / cap^2))``: branch-free (no host synchronisation) and exactly 1 under the
+    bound (``rsqrt(1)`` is exact), so the normal range is unchanged bit for bit; finite everywhere."""
+    return (state.pow(2).mean(dim=(-2, -1), keepdim=True) * (1.0 / max_weight_rms**2)).clamp(min=1.0).rsqrt()
+
+
+def _backward_safeguard(
+    bounded: torch.Tensor, factor: torch.Tensor, grad: torch.Tensor, max_weight_rms: float
+) -> torch.Tensor:
+    """The backward of ``bounded = state * safeguard_factor(state)``, from the output and the factor (``state =
+    bounded / factor``): where the factor is below 1, ``factor = (ms / cap^2)^(-1/2)`` and ``d ms = 2 state / n``."""
+    state = bounded / factor
+    d_factor = (grad * state).sum(dim=(-2, -1), keepdim=True)
+    size = state.shape[-2] * state.shape[-1]
+    coefficient = torch.where(factor < 1.0, d_factor * factor.pow(3) * (-1.0 / (size * max_weight_rms**2)), 0.0)
+    return torch.addcmul(grad * factor, state, coefficient)
+
+
+def _chunk(x: torch.Tensor, n: int, chunks: int) -> torch.Tensor:
+    """Chunk ``n`` of a tensor whose batch dimension folds ``chunks`` chunks (chunk-major)."""
+    return x.unflatten(0, (chunks, -1))[n]
+
+
+def _scan_forward(
+    max_weight_rms: float | None,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    coefficients: ChunkCoefficients,
+    running: list[torch.Tensor],
+    boundary: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+) -> tuple:
+    """:class:`ChunkScan`'s computation: the state chunk by chunk, then the reads of every chunk at once.
+
+    Returns the reads (chunks, batch, heads, C, d), the state after the last chunk, the weights at every later chunk
+    start (per layer (chunks, batch, heads, d_in, d_out)) and, for the backward, the states entering every chunk and
+    the last (per layer (chunks + 1, ...)), the safeguard's factors, the queries' pre-activations and the last
+    layer's errors (chunks folded into the batch)."""
+    chunks = queries.shape[0]
+    states, factors, starts = [[r] for r in running], [[] for _ in running], [[] for _ in running]
+    inputs_all, deltas_all, kappas = [[] for _ in running], [[] for _ in running], []
+    for n in range(chunks):
+        inputs, _, _, deltas = memory_errors(boundary, keys[n], targets[n])
+        kappas.append(step_curvature(inputs, deltas))
+        c = ChunkCoefficients(*(f[n] for f in coefficients.fields())).divided_by(kappas[-1])
+        running = _chunk_carry(running, inputs, deltas, c)
+        if max_weight_rms is not None:
+            bounds = [safeguard_factor(x, max_weight_rms) for x in running]
+            running = [x * f for x, f in zip(running, bounds)]
+            for at_layer, f in zip(factors, bounds):
+                at_layer.append(f)
+        boundary = [r[:, :, 0] + a for r, a in zip(running, anchors)]
+        for layer, x in enumerate(running):
+            states[layer].append(x)
+            starts[layer].append(boundary[layer])
+            inputs_all[layer].append(inputs[layer])
+            deltas_all[layer].append(deltas[layer])
+    # Every chunk's reads at once: the chunks folded into the batch.
+    folded = ChunkCoefficients(*(f.flatten(0, 1) for f in coefficients.fields())).divided_by(
+        torch.stack(kappas).flatten(0, 1)
+    )
+    stacked_states = [torch.stack(x) for x in states]
+    reads, query_pre = _chunk_reads(
+        [x[:chunks].flatten(0, 1) for x in stacked_states],
+        [torch.stack(x).flatten(0, 1) for x in inputs_all],
+        [torch.stack(x).flatten(0, 1) for x in deltas_all],
+        folded,
+        queries.flatten(0, 1),
+        anchors,
+    )
+    factors = [torch.stack(f) if f else None for f in factors]
+    last_delta = torch.stack(deltas_all[-1]).flatten(0, 1)
+    return (
+        reads.unflatten(0, (chunks, -1)),
+        running,
+        [torch.stack(x) for x in starts],
+        stacked_states,
+        factors,
+        (
+            query_pre,
+            last_delta,
+        ),
+    )
+
+
+class ChunkScan(torch.autograd.Function):
+    """Whole chunks in a row from a chunk boundary, each closed by the safeguard (``max_weight_rms``; ``None``: off):
+    the training path's loop over chunks as one function, equal to :class:`ChunkFunction` chunk after chunk
+    (``tests/test_neural_memory.py`` checks values and gradients in float64).
+
+    The forward carries the state chunk by chunk (the keys' side, the curvature and the carry need it), then reads
+    every chunk at once (a chunk's reads need only its starting state). The backward does at once, for all chunks,
+    what does not wait for the next chunk's gradient (the keys' side, the reads, the curvature's part through the
+    gains, the keys' side backward of those), and chunk by chunk, last to first, only the rest (the safeguard, the
+    carry, the curvature's part through the writes, the keys' side backward of those): the work per chunk in the
+    sequential loops is a third of :class:`ChunkFunction`'s.
+
+    Inputs: ``queries, keys, targets`` (chunks, batch, heads, C, d); the coefficients of :class:`ChunkCoefficients`
+    stacked over the chunks (from the gates; divided here by the curvature); per layer the state ``[D; S]`` before the
+    first chunk, the weights at its start and ``W_0`` (``depth`` each). Outputs: the reads, the state after the last
+    chunk (``depth``), the weights at every later chunk start (``depth``, (chunks, batch, heads, d_in, d_out)).
+    """
+
+    @staticmethod
+    def forward(ctx, depth, max_weight_rms, queries, keys, targets, read, gain, write, transition, *tensors):
+        running, boundary, anchors = tensors[:depth], tensors[depth : 2 * depth], tensors[2 * depth :]
+        coefficients = ChunkCoefficients(read, gain, write, transition)
+        reads, running, starts, states, factors, (query_pre, last_delta) = _scan_forward(
+            max_weight_rms, queries, keys, targets, coefficients, list(running), list(boundary), list(anchors)
+        )
+        ctx.depth, ctx.max_weight_rms = depth, max_weight_rms
+        ctx.has_factors = factors[0] is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(
+            queries,
+            keys,
+            read,
+            gain,
+            write,
+            transition,
+            last_delta,
+            *boundary,
+            *anchors,
+            *states,
+            *query_pre,
+            *(factors if ctx.has_factors else ()),
+        )
+        return (reads, *running, *starts)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_reads, *grads):
+        device = next((g.device.type for g in (grad_reads, *grads) if g is not None), "cpu")
+        depth = ctx.depth
+        queries, keys, read, gain, write, transition, last_delta, *rest = ctx.saved_tensors
+        boundary, anchors = rest[:depth], rest[depth : 2 * depth]
+        states, query_pre = rest[2 * depth : 3 * depth], rest[3 * depth : 4 * depth - 1]
+        factors = rest[4 * depth - 1 :] if ctx.has_factors else None
+        with torch.autocast(device_type=device, enabled=False):
+            return (None, None) + _scan_backward(
+                ctx.max_weight_rms,
+                ChunkCoefficients(read, gain, write, transition),
+                queries,
+                keys,
+                last_delta,
+                list(boundary),
+                list(anchors),
+                list(states),
+                list(query_pre),
+                factors,
+                grad_reads,
+                list(grads[:depth]),
+                list(grads[depth:]),
+            )
+
+
+def _scan_backward(
+    max_weight_rms: float | None,
+    coefficients: ChunkCoefficients,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    last_delta: torch.Tensor,
+    boundary: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    states: list[torch.Tensor],
+    query_pre: list[torch.Tensor],
+    factors: list[torch.Tensor] | None,
+    grad_reads: torch.Tensor | None,
+    grad_running: list[torch.Tensor | None],
+    grad_starts: list[torch.Tensor | None],
+) -> tuple:
+    """:class:`ChunkScan`'s backward (see there); the phases are those of :func:`chunk_backward`."""
+    depth, chunks = len(states), queries.shape[0]
+    # At once, the chunks folded into the batch: the weights at every chunk start, the keys' side there, the reads.
+    weights = [
+        torch.cat([b.unsqueeze(0), x[1:chunks, :, :, 0] + a]).flatten(0, 1)
+        for b, x, a in zip(boundary, states, anchors)
+    ]
+    key_side = _KeySide.recompute(weights, keys.flatten(0, 1), last_delta)
+    kappa = key_side.curvature
+    c = ChunkCoefficients(*(f.flatten(0, 1) for f in coefficients.fields())).divided_by(kappa)
+    d_abars: list[torch.Tensor | None] = [None] * depth
+    d_deltas: list[torch.Tensor | None] = [None] * depth
+    d_read, d_gain, d_states_read, d_anchors, d_queries = _backward_reads(
+        c,
+        [x[:chunks].flatten(0, 1) for x in states],
+        anchors,
+        queries.flatten(0, 1),
+        query_pre,
+        key_side,
+        None if grad_reads is None else grad_reads.flatten(0, 1),
+        d_abars,
+        d_deltas,
+    )
+    if d_gain is not None:
+        _backward_curvature(key_side, -(d_gain * c.gain).sum(-2) / kappa, d_abars, d_deltas)
+        d_gain = d_gain / kappa.unsqueeze(-2)
+    d_weights, d_keys, d_targets = _backward_key_side(weights, key_side, d_abars, d_deltas)
+
+    # Chunk by chunk, last to first: the gradient of the state after chunk n is what chunk n + 1 sent back.
+    def at(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        return None if x is None else _chunk(x, n, chunks)
+
+    d_after = grad_running
+    d_write, d_transition, d_keys_carry, d_targets_carry = [], [], [], []
+    for n in reversed(range(chunks)):
+        for layer in range(depth):
+            if grad_starts[layer] is not None:  # the weights at the start of chunk n + 1, an output too
+                d_after[layer] = _add_to_slot(d_after[layer], grad_starts[layer][n], states[layer][n + 1])
+            if factors is not None and d_after[layer] is not None:
+                d_after[layer] = _backward_safeguard(
+                    states[layer][n + 1], factors[layer][n], d_after[layer], max_weight_rms
+                )
+        key_side_n = key_side.chunk(n, chunks)
+        c_n = ChunkCoefficients(*(at(f, n) for f in c.fields()))
+        d_states = [at(x, n) for x in d_states_read]
+        d_abars_n: list[torch.Tensor | None] = [None] * depth
+        d_deltas_n: list[torch.Tensor | None] = [None] * depth
+        weights_n = [at(w, n) for w in weights]
+        d_write_n, d_transition_n = _backward_carry(
+            c_n, [x[n] for x in states], key_side_n, d_after, d_states, d_abars_n, d_deltas_n
+        )
+        d_weights_n, d_keys_n, d_targets_n = [None] * depth, None, None
+        if d_write_n is not None:
+            _backward_curvature(
+                key_side_n, -(d_write_n * c_n.write).sum(-1) / key_side_n.curvature, d_abars_n, d_deltas_n
+            )
+            d_write_n = d_write_n / key_side_n.curvature.unsqueeze(-1)
+            d_weights_n, d_keys_n, d_targets_n = _backward_key_side(weights_n, key_side_n, d_abars_n, d_deltas_n)
+        d_write.append(d_write_n)
+        d_transition.append(d_transition_n)
+        d_keys_carry.append(d_keys_n)
+        d_targets_carry.append(d_targets_n)
+        # The weights at chunk n's start: W_0 + slot 0 of the state after chunk n - 1 (n > 0), or an input.
+        d_start = [_accumulate_optional(at(d, n), d_n) for d, d_n in zip(d_weights, d_weights_n)]
+        if n == 0:
+            d_boundary = d_start
+        else:
+            d_anchors = [
+                _accumulate_optional(a, None if d is None else d.sum(0, keepdim=True))
+                for a, d in zip(d_anchors, d_start)
+            ]
+            d_states = [
+                x if d is None else _add_to_slot(x, d, states[layer][n])
+                for layer, (x, d) in enumerate(zip(d_states, d_start))
+            ]
+        d_after = d_states
+    d_running = d_after
+    for layer, grad in enumerate(grad_starts):  # W_0 is in every output start weight too
+        if grad is not None:
+            d_anchors[layer] = _accumulate_optional(d_anchors[layer], grad.sum(dim=(0, 1)).unsqueeze(0))
+
+    def restack(parts: list) -> torch.Tensor | None:
+        """Per-chunk gradients (last chunk first, some ``None``) as one (chunks, ...) tensor."""
+        if all(p is None for p in parts):
+            return None
+        template = next(p for p in parts if p is not None)
+        return torch.stack([torch.zeros_like(template) if p is None else p for p in reversed(parts)])
+
+    def unfold(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.unflatten(0, (chunks, -1))
+
+    d_keys = _accumulate_optional(unfold(d_keys), restack(d_keys_carry))
+    d_targets = _accumulate_optional(unfold(d_targets), restack(d_targets_carry))
+    d_coefficients = (unfold(d_read), unfold(d_gain), restack(d_write), restack(d_transition))
+    return (unfold(d_queries), d_keys, d_targets, *d_coefficients, *d_running, *d_boundary, *d_anchors)
+
+
+def _add_to_slot(total: torch.Tensor | None, grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``total`` (zeros like ``like`` if ``None``; batch, heads, s, d_in, d_out) plus ``grad`` (batch, heads, d_in,
+    d_out) on slot 0 (``D``), as a new tensor."""
+    total = torch.zeros_like(like) if total is None else total.clone()
+    total[:, :, 0] += grad
+    return total
+
+
+def _accumulate_optional(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total + value
+
+
+def chunk_scan(
+    max_weight_rms: float | None,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    coefficients: ChunkCoefficients,
+    running: list[torch.Tensor],
+    boundary: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Whole chunks in a row (:class:`ChunkScan`, same arguments): the reads, the state after the last chunk and the
+    weights at every later chunk start; through the autograd function when gradients are needed."""
+    flat = (queries, keys, targets, *coefficients.fields(), *running, *boundary, *anchors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
+        depth = len(running)
+        reads, *rest = ChunkScan.apply(depth, max_weight_rms, *flat)
+        return reads, rest[:depth], rest[depth:]
+    reads, running, starts, *_ = _scan_forward(
+        max_weight_rms, queries, keys, targets, coefficients, running, boundary, anchors
+    )
+    return reads, running, starts
 
 
 def _baddbmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory_ops import CausalConvSiLU, ChunkCoefficients, chunk_update, memory_errors, memory_mlp, step_curvature
+from .memory_ops import (
+    CausalConvSiLU,
+    ChunkCoefficients,
+    chunk_scan,
+    chunk_update,
+    memory_errors,
+    memory_mlp,
+    safeguard_factor,
+    step_curvature,
+)
 
 __all__ = ["BatchTensors", "NeuralMemory", "NeuralMemoryState", "TokenPacking", "compaction_order"]
 
@@ -392,12 +401,22 @@ class ChunkSchedule:
         mask = self.real.view(*self.real.shape[:1], 1, self.slots, *([1] * (gathered.dim() - 3)))
         return torch.where(mask, gathered, torch.zeros((), dtype=t.dtype, device=t.device))
 
-    def split(self, t: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """Slots -> the first run, then the chunks, each contiguous (chunk-major: no copy in every matmul; unbind,
-        not slicing, keeps the backward of the split linear in length)."""
+    @property
+    def whole(self) -> int:
+        """The chunks that run at once (:func:`~memory_ops.chunk_scan`): every whole chunk of a schedule known on the
+        host (they follow the first run, on a boundary); 0 when the schedule depends on the device."""
+        return 0 if self.token is not None else sum(n == self.size for n in self.run_counts[1:])
+
+    def split(
+        self, t: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+        """Slots -> the first run, the :attr:`whole` chunks stacked (chunks, batch, heads, size, ...), and the other
+        chunks one by one; contiguous (chunk-major: no copy in every matmul; unbind, not slicing per chunk, keeps the
+        backward of the split linear in length)."""
         if t is None:
-            return [None] * (1 + self.chunks)
-        return [t[:, :, : self.first_run], *self.chunk_major(t).unbind(0)]
+            return None, None, [None] * (self.chunks - self.whole)
+        major = self.chunk_major(t)
+        return t[:, :, : self.first_run], major[: self.whole], list(major[self.whole :].unbind(0))
 
     def chunk_major(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """The whole chunks of a slotted stream (batch, heads, slots, ...) as one contiguous (chunks, batch, heads,
@@ -784,14 +803,18 @@ class NeuralMemory(nn.Module):
         slotted = tokens.apply(schedule.to_slots)
         streams = (slotted.queries, slotted.keys, self._targets(slotted.keys, slotted.values))
         streams += (slotted.lr, slotted.log_momentum, slotted.log_retention)
-        pieces = zip(*(schedule.split(t) for t in streams))
+        first, whole, rest = zip(*(schedule.split(t) for t in streams))
         anchors = self._anchors(q.dtype)
-        starts = [] if segment is None else [state.weights]
-        reads, carry = self._run_chunks(
-            state, schedule, pieces, anchors, self._whole_chunks(schedule, slotted), starts
-        )
+        starts = None if segment is None else [state.weights]
+        carry = self._carry(state, anchors)
+        reads = self._run_chunks(carry, schedule, [first], 0, anchors, starts)
+        if schedule.whole:
+            reads += self._scan(carry, schedule, whole, anchors, starts)
+        reads += self._run_chunks(carry, schedule, list(zip(*rest)), 1 + schedule.whole, anchors, starts)
         if segment is not None:  # the weights at every segment start, stacked per layer over the segments
             starts = [torch.stack(at_layer, dim=1) for at_layer in zip(*starts[:: segment // self.chunk_size])]
+        else:
+            starts = []
         reads = schedule.join(reads)
         if self.residual:
             reads = reads + slotted.queries
@@ -805,52 +828,59 @@ class NeuralMemory(nn.Module):
         """What the memory's MLP must map the keys to: the values, or ``v - k`` for the residual ``M(z) = z + MLP(z)``."""
         return values - keys if self.residual else values
 
-    def _whole_chunks(self, schedule: ChunkSchedule, slotted: MemoryInputs) -> list[ChunkCoefficients | None]:
-        """The gates' part of the coefficients of every whole chunk (``None`` for the others), computed for all the
-        chunks at once: they do not depend on the state. Each chunk divides its steps by its own curvature when it is
-        reached (:meth:`ChunkCoefficients.divided_by`). Only for a schedule known on the host (every token real)."""
-        if schedule.token is not None or schedule.chunks == 0:
-            return [None] * schedule.chunks
-        gates = (schedule.chunk_major(t) for t in (slotted.lr, slotted.log_momentum, slotted.log_retention))
-        c = ChunkCoefficients.from_gates(*gates, self.max_lr)
-        fields = zip(c.read.unbind(0), c.gain.unbind(0), c.write.unbind(0), c.transition.unbind(0))
-        return [ChunkCoefficients(*f) if n == schedule.size else None for f, n in zip(fields, schedule.run_counts[1:])]
+    def _scan(
+        self,
+        carry: _ChunkCarry,
+        schedule: ChunkSchedule,
+        whole: tuple[torch.Tensor | None, ...],
+        anchors: list[torch.Tensor],
+        boundaries: list[list[torch.Tensor]] | None,
+    ) -> list[torch.Tensor]:
+        """The schedule's :attr:`~ChunkSchedule.whole` chunks at once (:func:`~memory_ops.chunk_scan`), from the
+        boundary ``carry`` is on; updates ``carry`` and ``boundaries`` as :meth:`_run_chunks` does. The reads of each
+        chunk."""
+        queries, keys, targets, lr, log_momentum, log_retention = whole
+        coefficients = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, self.max_lr)
+        reads, carry.running, starts = chunk_scan(
+            self.max_weight_rms, queries, keys, targets, coefficients, carry.running, carry.boundary, anchors
+        )
+        carry.boundary = [s[-1] for s in starts]
+        if boundaries is not None:  # the weights at the boundaries before the block's last token
+            ends = range(schedule.first_run + schedule.size, schedule.length, schedule.size)
+            boundaries.extend([s[n] for s in starts] for n, _ in zip(range(schedule.whole), ends))
+        return list(reads.unbind(0))
 
     def _run_chunks(
         self,
-        state: NeuralMemoryState,
+        carry: _ChunkCarry,
         schedule: ChunkSchedule,
-        pieces,
+        pieces: list[tuple],
+        start: int,
         anchors: list[torch.Tensor],
-        whole_chunks: list[ChunkCoefficients | None],
         boundaries: list[list[torch.Tensor]] | None = None,
-    ) -> tuple[list[torch.Tensor], _ChunkCarry]:
-        """The runs of the schedule in order, each in closed form (:func:`~memory_ops.chunk_update`): the reads of each
-        run and the state after the last.
+    ) -> list[torch.Tensor]:
+        """The runs ``pieces`` of the schedule (its runs from ``start`` on) in order, each in closed form
+        (:func:`~memory_ops.chunk_update`): the reads of each run; updates ``carry``.
 
         A run that continues a chunk (the first run, unless every sequence is on a boundary) or stops inside one also
         carries the chunk's own update ``[A; B]``; a run that reaches a boundary closes its chunk
         (:meth:`_close_chunk`). ``boundaries``, if given, receives the weights at every boundary a run closes
         before the block's last token (a host-known schedule only).
         """
-        carry = self._carry(state, anchors)
-        num_slots = 1 if state.momentum is None else 2
+        num_slots = 1 if carry.running[0].shape[2] == 1 else 2
         reads = []
-        for n, (q_n, k_n, t_n, lr_n, log_mom_n, log_ret_n) in enumerate(pieces):
+        for n, (q_n, k_n, t_n, lr_n, log_mom_n, log_ret_n) in enumerate(pieces, start):
             if q_n.shape[2] == 0:
                 continue
             n_in, closes = schedule.run_counts[n], schedule.closes[n]  # host ints and bools, or (batch,) tensors
             active = n_in > 0
             stops_inside = (active and not closes) if isinstance(closes, bool) else active & ~closes
             continuing = n == 0 and schedule.first_run > 0 or _any(stops_inside)
+            last = schedule.last_token(n, self.num_heads)
             if continuing:
-                last = schedule.last_token(n, self.num_heads)
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, carry.lr_sum)
                 stacked = [torch.cat([r, u], dim=2) for r, u in zip(carry.running, carry.update)]
-            elif n > 0 and whole_chunks[n - 1] is not None:
-                c_n, stacked = whole_chunks[n - 1], carry.running
             else:
-                last = schedule.last_token(n, self.num_heads)
                 c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last)
                 stacked = carry.running
             y, carried = chunk_update(stacked, carry.boundary, q_n, k_n, t_n, c_n, anchors)
@@ -860,10 +890,10 @@ class NeuralMemory(nn.Module):
                 carry.update = _select_rows(active, [x[:, :, num_slots:] for x in carried], carry.update)
                 carry.lr_sum = _where_batch(active, carry.lr_sum + lr_n.sum(-1), carry.lr_sum)
             if _any(closes):
-                carry = self._close_chunk(closes, carry, anchors)
+                self._close_chunk(closes, carry, anchors)
                 if boundaries is not None and closes is True and n * self.chunk_size < schedule.length:
                     boundaries.append(carry.boundary)
-        return reads, carry
+        return reads
 
     def _carry(self, state: NeuralMemoryState, anchors: list[torch.Tensor]) -> _ChunkCarry:
         """The state in the form the chunks work on: ``[D; S]`` stacked per layer (``D = W - W_0``)."""
@@ -882,16 +912,13 @@ class NeuralMemory(nn.Module):
             return [d.unsqueeze(2) for d in deviations]
         return [torch.stack([d, s], dim=2) for d, s in zip(deviations, momenta)]
 
-    def _close_chunk(self, rows: torch.Tensor | bool, carry: _ChunkCarry, anchors: list[torch.Tensor]) -> _ChunkCarry:
-        """A chunk boundary, for the sequences ``rows``: the chunk's update joins the state, the safeguard bounds
-        ``[D; S]``, and the next chunk takes its gradients there."""
-        running = _select_rows(rows, self.bound(carry.running), carry.running)
-        return _ChunkCarry(
-            running=running,
-            update=_select_rows(rows, [torch.zeros_like(u) for u in carry.update], carry.update),
-            lr_sum=_where_batch(rows, torch.zeros_like(carry.lr_sum), carry.lr_sum),
-            boundary=_select_rows(rows, [r[:, :, 0] + a for r, a in zip(running, anchors)], carry.boundary),
-        )
+    def _close_chunk(self, rows: torch.Tensor | bool, carry: _ChunkCarry, anchors: list[torch.Tensor]) -> None:
+        """A chunk boundary, for the sequences ``rows`` (updates ``carry``): the chunk's update joins the state, the
+        safeguard bounds ``[D; S]``, and the next chunk takes its gradients there."""
+        carry.running = _select_rows(rows, self.bound(carry.running), carry.running)
+        carry.update = _select_rows(rows, [torch.zeros_like(u) for u in carry.update], carry.update)
+        carry.lr_sum = _where_batch(rows, torch.zeros_like(carry.lr_sum), carry.lr_sum)
+        carry.boundary = _select_rows(rows, [r[:, :, 0] + a for r, a in zip(carry.running, anchors)], carry.boundary)
 
     @staticmethod
     def _unstack(
@@ -978,7 +1005,7 @@ class NeuralMemory(nn.Module):
         closes = seen % self.chunk_size == 0 if common_seen is None else common_seen % self.chunk_size == 0
         if _any(closes):  # (stacked only here: a decoding step between boundaries does not pay for it)
             carry.running = self._stack(deviations, momenta)
-            carry = self._close_chunk(closes, carry, anchors)
+            self._close_chunk(closes, carry, anchors)
             weights, momenta = self._unstack(carry, anchors)
         return reads, self._new_state(state, weights, momenta, carry, seen, common_seen)
 
@@ -986,12 +1013,7 @@ class NeuralMemory(nn.Module):
         """The ``max_weight_rms`` safeguard, applied to each layer's ``[W - W_0; S]`` (batch, heads, s, d_in, d_out)."""
         if self.max_weight_rms is None:
             return states
-        # Branch-free (no host synchronisation): the factor min(1, cap / rms) is exactly 1 under the bound (rsqrt(1)
-        # is exact), so the normal range is unchanged bit for bit; finite everywhere, with a zero gradient there.
-        inverse_square = 1.0 / self.max_weight_rms**2
-        return [
-            s * (s.pow(2).mean(dim=(-2, -1), keepdim=True) * inverse_square).clamp(min=1.0).rsqrt() for s in states
-        ]
+        return [s * safeguard_factor(s, self.max_weight_rms) for s in states]
 
     def retrieve(
         self,
