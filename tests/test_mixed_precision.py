@@ -67,38 +67,40 @@ def float_dtypes(obj, found: set) -> set:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_memory_state_and_gate_products_stay_float32_under_autocast(variant, monkeypatch):
-    """Spies on every chunk of the memory (states, queries/keys/targets and the gate products of the closed form) and
-    on the hand-written chunk backward, under bf16 autocast with backward called inside the autocast region too."""
+    """Spies on every chunk of the memory (states, queries/keys/targets and the gate products of the closed form),
+    run one by one or as whole chunks in a row, and on both hand-written backwards, under bf16 autocast with backward
+    called inside the autocast region too."""
     seen_dtypes: set = set()
-    backward_autocast: list[bool] = []
-    chunk_update = neural_memory.chunk_update
+    backward_autocast: dict[str, list[bool]] = {"chunk_backward": [], "_scan_backward": []}
 
-    def spy_update(*args, **kwargs):
-        out = chunk_update(*args, **kwargs)
-        float_dtypes((args, list(kwargs.values()), out), seen_dtypes)
-        return out
+    def spy(module, name, record_autocast=False):
+        original = getattr(module, name)
 
-    backward = memory_ops.chunk_backward
+        def spied(*args):
+            if record_autocast:
+                backward_autocast[name].append(torch.is_autocast_enabled("cpu"))
+            out = original(*args)
+            float_dtypes((args, out), seen_dtypes)
+            return out
 
-    def spy_backward(*args):
-        backward_autocast.append(torch.is_autocast_enabled("cpu"))
-        out = backward(*args)
-        float_dtypes(out, seen_dtypes)
-        return out
+        monkeypatch.setattr(module, name, spied)
 
-    monkeypatch.setattr(neural_memory, "chunk_update", spy_update)
-    monkeypatch.setattr(memory_ops, "chunk_backward", spy_backward)
+    spy(neural_memory, "chunk_update")
+    spy(neural_memory, "chunk_scan")
+    spy(memory_ops, "chunk_backward", record_autocast=True)
+    spy(memory_ops, "_scan_backward", record_autocast=True)
 
     torch.manual_seed(0)
     model = TitansForCausalLM(tiny_config(variant)).train()
-    ids = batches(1)[0]
+    ids = batches(1)[0][:, :38]  # 9 whole chunks of 4 (in a row) and a partial one (alone)
     cache = TitansCache(model.config)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=ids, labels=ids, cache=cache)
         assert out.logits.dtype == torch.bfloat16  # autocast is on
         out.loss.backward()
     assert seen_dtypes == {torch.float32}
-    assert backward_autocast and not any(backward_autocast)
+    for calls in backward_autocast.values():
+        assert calls and not any(calls)
     for layer in cache.layers:
         assert float_dtypes(layer.memory, set()) <= {torch.float32}
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
