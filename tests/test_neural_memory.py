@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from reference_memory import reference_forward
 from torch.func import functional_call
 
+from titans_hf import memory_ops
 from titans_hf.memory_ops import (
     CausalConvSiLU,
     ChunkCoefficients,
@@ -487,11 +488,14 @@ def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("cap", [None, 0.7], ids=["no-safeguard", "safeguard"])
-def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap):
+@pytest.mark.parametrize("block", [3, 16], ids=["blocks-of-3", "one-block"])
+def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap, block, monkeypatch):
     """ChunkScan (the state chunk by chunk, the reads at once, a backward split in an at-once and a sequential part)
     against ChunkFunction run chunk after chunk with the safeguard at every boundary, autograd through both, float64:
     the reads, the last state, the weights at every later chunk start, and the gradients of every input. The
-    safeguard's cap is low enough that it acts on some chunks and not on others."""
+    safeguard's cap is low enough that it acts on some chunks and not on others. Four chunks, in one block or in
+    blocks of 3 and 1 (the at-once parts run per block)."""
+    monkeypatch.setattr(memory_ops, "SCAN_BLOCK", block)
     torch.manual_seed(depth)
     chunks, batch, heads, size, dim, hidden = 4, 2, 2, 5, 3, 4
     dims = [dim] + [hidden] * (depth - 1) + [dim]

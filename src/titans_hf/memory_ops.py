@@ -659,6 +659,15 @@ def _chunk(x: torch.Tensor, n: int, chunks: int) -> torch.Tensor:
     return x.unflatten(0, (chunks, -1))[n]
 
 
+#: Chunks whose reads (forward) and whose state-independent backward run at once, in :class:`ChunkScan`: enough to
+#: make large matmuls, few enough to bound the extra memory of doing them at once.
+SCAN_BLOCK = 8
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _scan_forward(
     max_weight_rms: float | None,
     queries: torch.Tensor,
@@ -669,57 +678,53 @@ def _scan_forward(
     boundary: list[torch.Tensor],
     anchors: list[torch.Tensor],
 ) -> tuple:
-    """:class:`ChunkScan`'s computation: the state chunk by chunk, then the reads of every chunk at once.
+    """:class:`ChunkScan`'s computation: the state chunk by chunk, and the reads of every :data:`SCAN_BLOCK` chunks
+    at once (folded into the batch) once the state has passed them.
 
     Returns the reads (chunks, batch, heads, C, d), the state after the last chunk, the weights at every later chunk
     start (per layer (chunks, batch, heads, d_in, d_out)) and, for the backward, the states entering every chunk and
-    the last (per layer (chunks + 1, ...)), the safeguard's factors, the queries' pre-activations and the last
-    layer's errors (chunks folded into the batch)."""
-    chunks = queries.shape[0]
+    the last (per layer (chunks + 1, ...)), the safeguard's factors (per layer (chunks, ...) or ``None``), the
+    queries' pre-activations and the last layer's errors (chunk-major)."""
+    chunks, depth = queries.shape[0], len(running)
     states, factors, starts = [[r] for r in running], [[] for _ in running], [[] for _ in running]
-    inputs_all, deltas_all, kappas = [[] for _ in running], [[] for _ in running], []
-    for n in range(chunks):
-        inputs, _, _, deltas = memory_errors(boundary, keys[n], targets[n])
-        kappas.append(step_curvature(inputs, deltas))
-        c = ChunkCoefficients(*(f[n] for f in coefficients.fields())).divided_by(kappas[-1])
-        running = _chunk_carry(running, inputs, deltas, c)
-        if max_weight_rms is not None:
-            bounds = [safeguard_factor(x, max_weight_rms) for x in running]
-            running = [x * f for x, f in zip(running, bounds)]
-            for at_layer, f in zip(factors, bounds):
-                at_layer.append(f)
-        boundary = [r[:, :, 0] + a for r, a in zip(running, anchors)]
-        for layer, x in enumerate(running):
-            states[layer].append(x)
-            starts[layer].append(boundary[layer])
-            inputs_all[layer].append(inputs[layer])
-            deltas_all[layer].append(deltas[layer])
-    # Every chunk's reads at once: the chunks folded into the batch.
-    folded = ChunkCoefficients(*(f.flatten(0, 1) for f in coefficients.fields())).divided_by(
-        torch.stack(kappas).flatten(0, 1)
-    )
-    stacked_states = [torch.stack(x) for x in states]
-    reads, query_pre = _chunk_reads(
-        [x[:chunks].flatten(0, 1) for x in stacked_states],
-        [torch.stack(x).flatten(0, 1) for x in inputs_all],
-        [torch.stack(x).flatten(0, 1) for x in deltas_all],
-        folded,
-        queries.flatten(0, 1),
-        anchors,
-    )
-    factors = [torch.stack(f) if f else None for f in factors]
-    last_delta = torch.stack(deltas_all[-1]).flatten(0, 1)
-    return (
-        reads.unflatten(0, (chunks, -1)),
-        running,
-        [torch.stack(x) for x in starts],
-        stacked_states,
-        factors,
-        (
-            query_pre,
-            last_delta,
-        ),
-    )
+    reads, query_pre, last_delta = [], [[] for _ in range(depth - 1)], []
+    for lo in range(0, chunks, SCAN_BLOCK):
+        block = range(lo, min(lo + SCAN_BLOCK, chunks))
+        inputs_block, deltas_block, kappas = [[] for _ in running], [[] for _ in running], []
+        for n in block:
+            inputs, _, _, deltas = memory_errors(boundary, keys[n], targets[n])
+            kappas.append(step_curvature(inputs, deltas))
+            c = ChunkCoefficients(*(f[n] for f in coefficients.fields())).divided_by(kappas[-1])
+            running = _chunk_carry(running, inputs, deltas, c)
+            if max_weight_rms is not None:
+                bounds = [safeguard_factor(x, max_weight_rms) for x in running]
+                running = [x * f for x, f in zip(running, bounds)]
+                for at_layer, f in zip(factors, bounds):
+                    at_layer.append(f)
+            boundary = [r[:, :, 0] + a for r, a in zip(running, anchors)]
+            for layer, x in enumerate(running):
+                states[layer].append(x)
+                starts[layer].append(boundary[layer])
+                inputs_block[layer].append(inputs[layer])
+                deltas_block[layer].append(deltas[layer])
+        # The block's reads at once: its chunks folded into the batch.
+        size, fold = len(block), slice(block.start, block.stop)
+        c = ChunkCoefficients(*(f[fold].flatten(0, 1) for f in coefficients.fields()))
+        y, pre = _chunk_reads(
+            [torch.stack(x[fold]).flatten(0, 1) for x in states],
+            [torch.stack(x).flatten(0, 1) for x in inputs_block],
+            [torch.stack(x).flatten(0, 1) for x in deltas_block],
+            c.divided_by(torch.stack(kappas).flatten(0, 1)),
+            queries[fold].flatten(0, 1),
+            anchors,
+        )
+        reads.append(y.unflatten(0, (size, -1)))
+        for at_layer, p in zip(query_pre, pre):
+            at_layer.append(p.unflatten(0, (size, -1)))
+        last_delta.append(torch.stack(deltas_block[-1]))
+    saved = ([torch.stack(x) for x in states], [torch.stack(f) if f else None for f in factors])
+    saved += ([_cat(p) for p in query_pre], _cat(last_delta))
+    return _cat(reads), running, [torch.stack(x) for x in starts], *saved
 
 
 class ChunkScan(torch.autograd.Function):
@@ -744,7 +749,7 @@ class ChunkScan(torch.autograd.Function):
     def forward(ctx, depth, max_weight_rms, queries, keys, targets, read, gain, write, transition, *tensors):
         running, boundary, anchors = tensors[:depth], tensors[depth : 2 * depth], tensors[2 * depth :]
         coefficients = ChunkCoefficients(read, gain, write, transition)
-        reads, running, starts, states, factors, (query_pre, last_delta) = _scan_forward(
+        reads, running, starts, states, factors, query_pre, last_delta = _scan_forward(
             max_weight_rms, queries, keys, targets, coefficients, list(running), list(boundary), list(anchors)
         )
         ctx.depth, ctx.max_weight_rms = depth, max_weight_rms
@@ -808,41 +813,98 @@ def _scan_backward(
     grad_running: list[torch.Tensor | None],
     grad_starts: list[torch.Tensor | None],
 ) -> tuple:
-    """:class:`ChunkScan`'s backward (see there); the phases are those of :func:`chunk_backward`."""
+    """:class:`ChunkScan`'s backward (see there), block by block of :data:`SCAN_BLOCK` chunks, last to first
+    (:func:`_scan_block_backward`)."""
     depth, chunks = len(states), queries.shape[0]
-    # At once, the chunks folded into the batch: the weights at every chunk start, the keys' side there, the reads.
+    saved = (max_weight_rms, coefficients, queries, keys, last_delta, boundary, anchors, states, query_pre, factors)
+    d_after, d_anchors, d_boundary = list(grad_running), [None] * depth, None
+    blocks, sizes = (
+        [],
+        [],
+    )  # per block, last first: d_queries, d_keys, d_targets, d_read, d_gain, d_write, d_transition
+    for lo in reversed(range(0, chunks, SCAN_BLOCK)):
+        block = range(lo, min(lo + SCAN_BLOCK, chunks))
+        grads, d_after, d_anchors, d_start = _scan_block_backward(
+            block, *saved, grad_reads, grad_starts, d_after, d_anchors
+        )
+        blocks.append(grads)
+        sizes.insert(0, len(block))
+        d_boundary = d_start if lo == 0 else d_boundary
+    for layer, grad in enumerate(grad_starts):  # W_0 is in every output start weight too
+        if grad is not None:
+            d_anchors[layer] = _accumulate_optional(d_anchors[layer], grad.sum(dim=(0, 1)).unsqueeze(0))
+    d_queries, d_keys, d_targets, *d_coefficients = (_cat_optional(parts[::-1], sizes) for parts in zip(*blocks))
+    return (d_queries, d_keys, d_targets, *d_coefficients, *d_after, *d_boundary, *d_anchors)
+
+
+def _scan_block_backward(
+    block: range,
+    max_weight_rms: float | None,
+    coefficients: ChunkCoefficients,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    last_delta: torch.Tensor,
+    boundary: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    states: list[torch.Tensor],
+    query_pre: list[torch.Tensor],
+    factors: list[torch.Tensor] | None,
+    grad_reads: torch.Tensor | None,
+    grad_starts: list[torch.Tensor | None],
+    d_after: list[torch.Tensor | None],
+    d_anchors: list[torch.Tensor | None],
+) -> tuple:
+    """The chunks ``block`` of :func:`_scan_backward`, given ``d_after``, the gradient of the state after the block's
+    last chunk: first at once for the block (the keys' side, the reads, the curvature's part through the gains and
+    the keys' side backward of those), then chunk by chunk, last to first (the safeguard, the carry, the curvature's
+    part through the writes and their keys' side backward). Returns the block's gradients of the chunk-major inputs,
+    the gradient of the state before its first chunk, ``d_anchors`` and the gradient of the weights at its first
+    chunk's start (the input ``boundary`` when the block starts at chunk 0, else already sent into the state)."""
+    depth, lo, size = len(states), block.start, len(block)
+    rows = slice(block.start, block.stop)
+
+    def fold(x: torch.Tensor | None) -> torch.Tensor | None:
+        """The block's chunks of a chunk-major tensor, folded into the batch."""
+        return None if x is None else x[rows].flatten(0, 1)
+
+    def at(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """Chunk ``n`` of a tensor of the block's chunks folded into the batch."""
+        return None if x is None else _chunk(x, n - lo, size)
+
+    def unfold(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.unflatten(0, (size, -1))
+
+    # At once for the block: the weights at every chunk start, the keys' side there, the reads.
     weights = [
-        torch.cat([b.unsqueeze(0), x[1:chunks, :, :, 0] + a]).flatten(0, 1)
+        torch.cat([b.unsqueeze(0), x[1 : block.stop, :, :, 0] + a]) if lo == 0 else x[rows, :, :, 0] + a
         for b, x, a in zip(boundary, states, anchors)
     ]
-    key_side = _KeySide.recompute(weights, keys.flatten(0, 1), last_delta)
+    weights = [w.flatten(0, 1) for w in weights]
+    key_side = _KeySide.recompute(weights, fold(keys), fold(last_delta))
     kappa = key_side.curvature
-    c = ChunkCoefficients(*(f.flatten(0, 1) for f in coefficients.fields())).divided_by(kappa)
+    c = ChunkCoefficients(*(fold(f) for f in coefficients.fields())).divided_by(kappa)
     d_abars: list[torch.Tensor | None] = [None] * depth
     d_deltas: list[torch.Tensor | None] = [None] * depth
-    d_read, d_gain, d_states_read, d_anchors, d_queries = _backward_reads(
+    d_read, d_gain, d_states_read, d_anchors_read, d_queries = _backward_reads(
         c,
-        [x[:chunks].flatten(0, 1) for x in states],
+        [fold(x) for x in states],
         anchors,
-        queries.flatten(0, 1),
-        query_pre,
+        fold(queries),
+        [fold(p) for p in query_pre],
         key_side,
-        None if grad_reads is None else grad_reads.flatten(0, 1),
+        fold(grad_reads),
         d_abars,
         d_deltas,
     )
+    d_anchors = [_accumulate_optional(a, d) for a, d in zip(d_anchors, d_anchors_read)]
     if d_gain is not None:
         _backward_curvature(key_side, -(d_gain * c.gain).sum(-2) / kappa, d_abars, d_deltas)
         d_gain = d_gain / kappa.unsqueeze(-2)
     d_weights, d_keys, d_targets = _backward_key_side(weights, key_side, d_abars, d_deltas)
 
     # Chunk by chunk, last to first: the gradient of the state after chunk n is what chunk n + 1 sent back.
-    def at(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
-        return None if x is None else _chunk(x, n, chunks)
-
-    d_after = grad_running
-    d_write, d_transition, d_keys_carry, d_targets_carry = [], [], [], []
-    for n in reversed(range(chunks)):
+    d_write, d_transition, d_keys_carry, d_targets_carry, d_start = [], [], [], [], None
+    for n in reversed(block):
         for layer in range(depth):
             if grad_starts[layer] is not None:  # the weights at the start of chunk n + 1, an output too
                 d_after[layer] = _add_to_slot(d_after[layer], grad_starts[layer][n], states[layer][n + 1])
@@ -850,31 +912,28 @@ def _scan_backward(
                 d_after[layer] = _backward_safeguard(
                     states[layer][n + 1], factors[layer][n], d_after[layer], max_weight_rms
                 )
-        key_side_n = key_side.chunk(n, chunks)
+        key_side_n = key_side.chunk(n - lo, size)
         c_n = ChunkCoefficients(*(at(f, n) for f in c.fields()))
         d_states = [at(x, n) for x in d_states_read]
         d_abars_n: list[torch.Tensor | None] = [None] * depth
         d_deltas_n: list[torch.Tensor | None] = [None] * depth
-        weights_n = [at(w, n) for w in weights]
         d_write_n, d_transition_n = _backward_carry(
             c_n, [x[n] for x in states], key_side_n, d_after, d_states, d_abars_n, d_deltas_n
         )
         d_weights_n, d_keys_n, d_targets_n = [None] * depth, None, None
         if d_write_n is not None:
-            _backward_curvature(
-                key_side_n, -(d_write_n * c_n.write).sum(-1) / key_side_n.curvature, d_abars_n, d_deltas_n
-            )
-            d_write_n = d_write_n / key_side_n.curvature.unsqueeze(-1)
+            kappa_n = key_side_n.curvature
+            _backward_curvature(key_side_n, -(d_write_n * c_n.write).sum(-1) / kappa_n, d_abars_n, d_deltas_n)
+            d_write_n = d_write_n / kappa_n.unsqueeze(-1)
+            weights_n = [at(w, n) for w in weights]
             d_weights_n, d_keys_n, d_targets_n = _backward_key_side(weights_n, key_side_n, d_abars_n, d_deltas_n)
         d_write.append(d_write_n)
         d_transition.append(d_transition_n)
         d_keys_carry.append(d_keys_n)
         d_targets_carry.append(d_targets_n)
-        # The weights at chunk n's start: W_0 + slot 0 of the state after chunk n - 1 (n > 0), or an input.
+        # The weights at chunk n's start: W_0 + slot 0 of the state after chunk n - 1 (n > 0), or the input.
         d_start = [_accumulate_optional(at(d, n), d_n) for d, d_n in zip(d_weights, d_weights_n)]
-        if n == 0:
-            d_boundary = d_start
-        else:
+        if n > 0:
             d_anchors = [
                 _accumulate_optional(a, None if d is None else d.sum(0, keepdim=True))
                 for a, d in zip(d_anchors, d_start)
@@ -884,25 +943,33 @@ def _scan_backward(
                 for layer, (x, d) in enumerate(zip(d_states, d_start))
             ]
         d_after = d_states
-    d_running = d_after
-    for layer, grad in enumerate(grad_starts):  # W_0 is in every output start weight too
-        if grad is not None:
-            d_anchors[layer] = _accumulate_optional(d_anchors[layer], grad.sum(dim=(0, 1)).unsqueeze(0))
+    grads = (
+        unfold(d_queries),
+        _accumulate_optional(unfold(d_keys), _restack(d_keys_carry)),
+        _accumulate_optional(unfold(d_targets), _restack(d_targets_carry)),
+        unfold(d_read),
+        unfold(d_gain),
+        _restack(d_write),
+        _restack(d_transition),
+    )
+    return grads, d_after, d_anchors, d_start
 
-    def restack(parts: list) -> torch.Tensor | None:
-        """Per-chunk gradients (last chunk first, some ``None``) as one (chunks, ...) tensor."""
-        if all(p is None for p in parts):
-            return None
-        template = next(p for p in parts if p is not None)
-        return torch.stack([torch.zeros_like(template) if p is None else p for p in reversed(parts)])
 
-    def unfold(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.unflatten(0, (chunks, -1))
+def _restack(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Per-chunk gradients (last chunk first, some ``None``) as one chunk-major tensor; ``None`` if all are."""
+    if all(p is None for p in parts):
+        return None
+    template = next(p for p in parts if p is not None)
+    return torch.stack([torch.zeros_like(template) if p is None else p for p in reversed(parts)])
 
-    d_keys = _accumulate_optional(unfold(d_keys), restack(d_keys_carry))
-    d_targets = _accumulate_optional(unfold(d_targets), restack(d_targets_carry))
-    d_coefficients = (unfold(d_read), unfold(d_gain), restack(d_write), restack(d_transition))
-    return (unfold(d_queries), d_keys, d_targets, *d_coefficients, *d_running, *d_boundary, *d_anchors)
+
+def _cat_optional(parts: tuple[torch.Tensor | None, ...], sizes: list[int]) -> torch.Tensor | None:
+    """The blocks' gradients (first block first, ``sizes`` chunks each) joined along the chunks, zeros for a block
+    without one; ``None`` if no block has one."""
+    if all(p is None for p in parts):
+        return None
+    template = next(p for p in parts if p is not None)
+    return _cat([template.new_zeros(n, *template.shape[1:]) if p is None else p for p, n in zip(parts, sizes)])
 
 
 def _add_to_slot(total: torch.Tensor | None, grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
