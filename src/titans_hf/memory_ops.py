@@ -780,52 +780,54 @@ class ChunkScan(torch.autograd.Function):
         boundary, anchors = rest[:depth], rest[depth : 2 * depth]
         states, query_pre = rest[2 * depth : 3 * depth], rest[3 * depth : 4 * depth - 1]
         factors = rest[4 * depth - 1 :] if ctx.has_factors else None
+        saved = _ScanSaved(
+            ctx.max_weight_rms,
+            ChunkCoefficients(read, gain, write, transition),
+            queries,
+            keys,
+            last_delta,
+            list(boundary),
+            list(anchors),
+            list(states),
+            list(query_pre),
+            None if factors is None else list(factors),
+        )
         with torch.autocast(device_type=device, enabled=False):
-            return (None, None) + _scan_backward(
-                ctx.max_weight_rms,
-                ChunkCoefficients(read, gain, write, transition),
-                queries,
-                keys,
-                last_delta,
-                list(boundary),
-                list(anchors),
-                list(states),
-                list(query_pre),
-                factors,
-                grad_reads,
-                list(grads[:depth]),
-                list(grads[depth:]),
-            )
+            return (None, None) + _scan_backward(saved, grad_reads, list(grads[:depth]), list(grads[depth:]))
+
+
+@dataclass
+class _ScanSaved:
+    """What :class:`ChunkScan`'s forward keeps for its backward (chunk-major tensors: chunks first)."""
+
+    max_weight_rms: float | None
+    coefficients: ChunkCoefficients  # from the gates, undivided
+    queries: torch.Tensor
+    keys: torch.Tensor
+    last_delta: torch.Tensor  # the last layer's errors at every chunk's start weights
+    boundary: list[torch.Tensor]  # the weights at the first chunk's start
+    anchors: list[torch.Tensor]  # W_0
+    states: list[torch.Tensor]  # [D; S] entering every chunk, then after the last (chunks + 1)
+    query_pre: list[torch.Tensor]  # the queries' pre-activations, every layer but the last
+    factors: list[torch.Tensor] | None  # the safeguard's factor after every chunk (None: no safeguard)
 
 
 def _scan_backward(
-    max_weight_rms: float | None,
-    coefficients: ChunkCoefficients,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    last_delta: torch.Tensor,
-    boundary: list[torch.Tensor],
-    anchors: list[torch.Tensor],
-    states: list[torch.Tensor],
-    query_pre: list[torch.Tensor],
-    factors: list[torch.Tensor] | None,
+    saved: _ScanSaved,
     grad_reads: torch.Tensor | None,
     grad_running: list[torch.Tensor | None],
     grad_starts: list[torch.Tensor | None],
 ) -> tuple:
     """:class:`ChunkScan`'s backward (see there), block by block of :data:`SCAN_BLOCK` chunks, last to first
     (:func:`_scan_block_backward`)."""
-    depth, chunks = len(states), queries.shape[0]
-    saved = (max_weight_rms, coefficients, queries, keys, last_delta, boundary, anchors, states, query_pre, factors)
+    depth, chunks = len(saved.states), saved.queries.shape[0]
     d_after, d_anchors, d_boundary = list(grad_running), [None] * depth, None
-    blocks, sizes = (
-        [],
-        [],
-    )  # per block, last first: d_queries, d_keys, d_targets, d_read, d_gain, d_write, d_transition
+    blocks = []  # per block, last first: d_queries, d_keys, d_targets, d_read, d_gain, d_write, d_transition
+    sizes = []  # chunks per block, first block first
     for lo in reversed(range(0, chunks, SCAN_BLOCK)):
         block = range(lo, min(lo + SCAN_BLOCK, chunks))
         grads, d_after, d_anchors, d_start = _scan_block_backward(
-            block, *saved, grad_reads, grad_starts, d_after, d_anchors
+            block, saved, grad_reads, grad_starts, d_after, d_anchors
         )
         blocks.append(grads)
         sizes.insert(0, len(block))
@@ -839,16 +841,7 @@ def _scan_backward(
 
 def _scan_block_backward(
     block: range,
-    max_weight_rms: float | None,
-    coefficients: ChunkCoefficients,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    last_delta: torch.Tensor,
-    boundary: list[torch.Tensor],
-    anchors: list[torch.Tensor],
-    states: list[torch.Tensor],
-    query_pre: list[torch.Tensor],
-    factors: list[torch.Tensor] | None,
+    saved: _ScanSaved,
     grad_reads: torch.Tensor | None,
     grad_starts: list[torch.Tensor | None],
     d_after: list[torch.Tensor | None],
@@ -860,6 +853,7 @@ def _scan_block_backward(
     part through the writes and their keys' side backward). Returns the block's gradients of the chunk-major inputs,
     the gradient of the state before its first chunk, ``d_anchors`` and the gradient of the weights at its first
     chunk's start (the input ``boundary`` when the block starts at chunk 0, else already sent into the state)."""
+    states, anchors, factors, max_weight_rms = saved.states, saved.anchors, saved.factors, saved.max_weight_rms
     depth, lo, size = len(states), block.start, len(block)
     rows = slice(block.start, block.stop)
 
@@ -877,20 +871,20 @@ def _scan_block_backward(
     # At once for the block: the weights at every chunk start, the keys' side there, the reads.
     weights = [
         torch.cat([b.unsqueeze(0), x[1 : block.stop, :, :, 0] + a]) if lo == 0 else x[rows, :, :, 0] + a
-        for b, x, a in zip(boundary, states, anchors)
+        for b, x, a in zip(saved.boundary, states, anchors)
     ]
     weights = [w.flatten(0, 1) for w in weights]
-    key_side = _KeySide.recompute(weights, fold(keys), fold(last_delta))
+    key_side = _KeySide.recompute(weights, fold(saved.keys), fold(saved.last_delta))
     kappa = key_side.curvature
-    c = ChunkCoefficients(*(fold(f) for f in coefficients.fields())).divided_by(kappa)
+    c = ChunkCoefficients(*(fold(f) for f in saved.coefficients.fields())).divided_by(kappa)
     d_abars: list[torch.Tensor | None] = [None] * depth
     d_deltas: list[torch.Tensor | None] = [None] * depth
     d_read, d_gain, d_states_read, d_anchors_read, d_queries = _backward_reads(
         c,
         [fold(x) for x in states],
         anchors,
-        fold(queries),
-        [fold(p) for p in query_pre],
+        fold(saved.queries),
+        [fold(p) for p in saved.query_pre],
         key_side,
         fold(grad_reads),
         d_abars,
