@@ -805,16 +805,15 @@ class NeuralMemory(nn.Module):
         streams += (slotted.lr, slotted.log_momentum, slotted.log_retention)
         first, whole, rest = zip(*(schedule.split(t) for t in streams))
         anchors = self._anchors(q.dtype)
-        starts = None if segment is None else [state.weights]
+        boundaries = None if segment is None else [state.weights]  # the weights at every chunk start, if asked
         carry = self._carry(state, anchors)
-        reads = self._run_chunks(carry, schedule, [first], 0, anchors, starts)
+        reads = self._run_chunks(carry, schedule, [first], 0, anchors, boundaries)
         if schedule.whole:
-            reads += self._scan(carry, schedule, whole, anchors, starts)
-        reads += self._run_chunks(carry, schedule, list(zip(*rest)), 1 + schedule.whole, anchors, starts)
-        if segment is not None:  # the weights at every segment start, stacked per layer over the segments
-            starts = [torch.stack(at_layer, dim=1) for at_layer in zip(*starts[:: segment // self.chunk_size])]
-        else:
-            starts = []
+            reads += self._scan(carry, schedule, whole, anchors, boundaries)
+        reads += self._run_chunks(carry, schedule, list(zip(*rest)), 1 + schedule.whole, anchors, boundaries)
+        starts = []  # the weights at every segment start, stacked per layer over the segments
+        if segment is not None:
+            starts = [torch.stack(at_layer, dim=1) for at_layer in zip(*boundaries[:: segment // self.chunk_size])]
         reads = schedule.join(reads)
         if self.residual:
             reads = reads + slotted.queries
@@ -846,8 +845,8 @@ class NeuralMemory(nn.Module):
         )
         carry.boundary = [s[-1] for s in starts]
         if boundaries is not None:  # the weights at the boundaries before the block's last token
-            ends = range(schedule.first_run + schedule.size, schedule.length, schedule.size)
-            boundaries.extend([s[n] for s in starts] for n, _ in zip(range(schedule.whole), ends))
+            ends_block = schedule.first_run + schedule.whole * schedule.size == schedule.length
+            boundaries.extend([s[n] for s in starts] for n in range(schedule.whole - ends_block))
         return list(reads.unbind(0))
 
     def _run_chunks(
