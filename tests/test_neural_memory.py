@@ -529,8 +529,8 @@ def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap
             starts.append(start)
         return (torch.stack(reads), *state, *(torch.stack(s) for s in zip(*starts))), acted
 
-    def at_once():
-        return ChunkScan.apply(depth, cap, *inputs)
+    def at_once(all_starts=True):
+        return ChunkScan.apply(depth, cap, all_starts, *inputs)
 
     slow, acted = per_chunk()
     fast = at_once()
@@ -552,6 +552,14 @@ def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap
                 assert g is None or g.abs().max() == 0
             else:
                 torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+    # Keeping only the last start weights: the same outputs and gradients for it.
+    fast, slow = at_once(all_starts=False), per_chunk()[0]
+    slow = (*slow[: 1 + depth], *(s[-1:] for s in slow[1 + depth :]))
+    grads = [*upstream[: 1 + depth], *(u[-1:] for u in upstream[1 + depth :])]
+    got = torch.autograd.grad(fast, inputs, grads, allow_unused=True)
+    expected = torch.autograd.grad(slow, inputs, grads, allow_unused=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
 
 
 def test_causal_conv_silu_matches_conv1d_and_gradcheck():

@@ -670,6 +670,7 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _scan_forward(
     max_weight_rms: float | None,
+    all_starts: bool,
     queries: torch.Tensor,
     keys: torch.Tensor,
     targets: torch.Tensor,
@@ -682,7 +683,8 @@ def _scan_forward(
     at once (folded into the batch) once the state has passed them.
 
     Returns the reads (chunks, batch, heads, C, d), the state after the last chunk, the weights at every later chunk
-    start (per layer (chunks, batch, heads, d_in, d_out)) and, for the backward, the states entering every chunk and
+    start (per layer (chunks, batch, heads, d_in, d_out); only the last, (1, ...), unless ``all_starts``) and, for the
+    backward, the states entering every chunk and
     the last (per layer (chunks + 1, ...)), the safeguard's factors (per layer (chunks, ...) or ``None``), the
     queries' pre-activations and the last layer's errors (chunk-major)."""
     chunks, depth = queries.shape[0], len(running)
@@ -724,7 +726,8 @@ def _scan_forward(
         last_delta.append(torch.stack(deltas_block[-1]))
     saved = ([torch.stack(x) for x in states], [torch.stack(f) if f else None for f in factors])
     saved += ([_cat(p) for p in query_pre], _cat(last_delta))
-    return _cat(reads), running, [torch.stack(x) for x in starts], *saved
+    starts = [torch.stack(x) if all_starts else x[-1].unsqueeze(0) for x in starts]
+    return _cat(reads), running, starts, *saved
 
 
 class ChunkScan(torch.autograd.Function):
@@ -742,15 +745,26 @@ class ChunkScan(torch.autograd.Function):
     Inputs: ``queries, keys, targets`` (chunks, batch, heads, C, d); the coefficients of :class:`ChunkCoefficients`
     stacked over the chunks (from the gates; divided here by the curvature); per layer the state ``[D; S]`` before the
     first chunk, the weights at its start and ``W_0`` (``depth`` each). Outputs: the reads, the state after the last
-    chunk (``depth``), the weights at every later chunk start (``depth``, (chunks, batch, heads, d_in, d_out)).
+    chunk (``depth``), the weights at every later chunk start (``depth``, (chunks, batch, heads, d_in, d_out); with
+    ``all_starts=False`` only the last, (1, ...): the others are not kept).
     """
 
     @staticmethod
-    def forward(ctx, depth, max_weight_rms, queries, keys, targets, read, gain, write, transition, *tensors):
+    def forward(
+        ctx, depth, max_weight_rms, all_starts, queries, keys, targets, read, gain, write, transition, *tensors
+    ):
         running, boundary, anchors = tensors[:depth], tensors[depth : 2 * depth], tensors[2 * depth :]
         coefficients = ChunkCoefficients(read, gain, write, transition)
         reads, running, starts, states, factors, query_pre, last_delta = _scan_forward(
-            max_weight_rms, queries, keys, targets, coefficients, list(running), list(boundary), list(anchors)
+            max_weight_rms,
+            all_starts,
+            queries,
+            keys,
+            targets,
+            coefficients,
+            list(running),
+            list(boundary),
+            list(anchors),
         )
         ctx.depth, ctx.max_weight_rms = depth, max_weight_rms
         ctx.has_factors = factors[0] is not None
@@ -793,7 +807,7 @@ class ChunkScan(torch.autograd.Function):
             None if factors is None else list(factors),
         )
         with torch.autocast(device_type=device, enabled=False):
-            return (None, None) + _scan_backward(saved, grad_reads, list(grads[:depth]), list(grads[depth:]))
+            return (None, None, None) + _scan_backward(saved, grad_reads, list(grads[:depth]), list(grads[depth:]))
 
 
 @dataclass
@@ -854,7 +868,7 @@ def _scan_block_backward(
     the gradient of the state before its first chunk, ``d_anchors`` and the gradient of the weights at its first
     chunk's start (the input ``boundary`` when the block starts at chunk 0, else already sent into the state)."""
     states, anchors, factors, max_weight_rms = saved.states, saved.anchors, saved.factors, saved.max_weight_rms
-    depth, lo, size = len(states), block.start, len(block)
+    depth, chunks, lo, size = len(states), saved.queries.shape[0], block.start, len(block)
     rows = slice(block.start, block.stop)
 
     def fold(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -900,8 +914,11 @@ def _scan_block_backward(
     d_write, d_transition, d_keys_carry, d_targets_carry, d_start = [], [], [], [], None
     for n in reversed(block):
         for layer in range(depth):
-            if grad_starts[layer] is not None:  # the weights at the start of chunk n + 1, an output too
-                d_after[layer] = _add_to_slot(d_after[layer], grad_starts[layer][n], states[layer][n + 1])
+            grad_start = grad_starts[layer]  # of the weights at the start of chunk n + 1, an output too
+            if grad_start is not None and n >= chunks - grad_start.shape[0]:  # (only the last unless all_starts)
+                d_after[layer] = _add_to_slot(
+                    d_after[layer], grad_start[n - chunks + grad_start.shape[0]], states[layer][n + 1]
+                )
             if factors is not None and d_after[layer] is not None:
                 d_after[layer] = _backward_safeguard(
                     states[layer][n + 1], factors[layer][n], d_after[layer], max_weight_rms
@@ -989,16 +1006,18 @@ def chunk_scan(
     running: list[torch.Tensor],
     boundary: list[torch.Tensor],
     anchors: list[torch.Tensor],
+    all_starts: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Whole chunks in a row (:class:`ChunkScan`, same arguments): the reads, the state after the last chunk and the
-    weights at every later chunk start; through the autograd function when gradients are needed."""
+    weights at every later chunk start (only the last unless ``all_starts``); through the autograd function when
+    gradients are needed."""
     flat = (queries, keys, targets, *coefficients.fields(), *running, *boundary, *anchors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
         depth = len(running)
-        reads, *rest = ChunkScan.apply(depth, max_weight_rms, *flat)
+        reads, *rest = ChunkScan.apply(depth, max_weight_rms, all_starts, *flat)
         return reads, rest[:depth], rest[depth:]
     reads, running, starts, *_ = _scan_forward(
-        max_weight_rms, queries, keys, targets, coefficients, running, boundary, anchors
+        max_weight_rms, all_starts, queries, keys, targets, coefficients, running, boundary, anchors
     )
     return reads, running, starts
 

@@ -841,7 +841,15 @@ class NeuralMemory(nn.Module):
         queries, keys, targets, lr, log_momentum, log_retention = whole
         coefficients = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, self.max_lr)
         reads, carry.running, starts = chunk_scan(
-            self.max_weight_rms, queries, keys, targets, coefficients, carry.running, carry.boundary, anchors
+            self.max_weight_rms,
+            queries,
+            keys,
+            targets,
+            coefficients,
+            carry.running,
+            carry.boundary,
+            anchors,
+            all_starts=boundaries is not None,
         )
         carry.boundary = [s[-1] for s in starts]
         if boundaries is not None:  # the weights at the boundaries before the block's last token
