@@ -76,11 +76,11 @@ def test_memory_state_and_gate_products_stay_float32_under_autocast(variant, mon
     def spy(module, name, record_autocast=False):
         original = getattr(module, name)
 
-        def spied(*args):
+        def spied(*args, **kwargs):
             if record_autocast:
                 backward_autocast[name].append(torch.is_autocast_enabled("cpu"))
-            out = original(*args)
-            float_dtypes((args, out), seen_dtypes)
+            out = original(*args, **kwargs)
+            float_dtypes((args, list(kwargs.values()), out), seen_dtypes)
             return out
 
         monkeypatch.setattr(module, name, spied)

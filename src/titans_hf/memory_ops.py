@@ -735,12 +735,12 @@ class ChunkScan(torch.autograd.Function):
     the training path's loop over chunks as one function, equal to :class:`ChunkFunction` chunk after chunk
     (``tests/test_neural_memory.py`` checks values and gradients in float64).
 
-    The forward carries the state chunk by chunk (the keys' side, the curvature and the carry need it), then reads
-    every chunk at once (a chunk's reads need only its starting state). The backward does at once, for all chunks,
-    what does not wait for the next chunk's gradient (the keys' side, the reads, the curvature's part through the
-    gains, the keys' side backward of those), and chunk by chunk, last to first, only the rest (the safeguard, the
-    carry, the curvature's part through the writes, the keys' side backward of those): the work per chunk in the
-    sequential loops is a third of :class:`ChunkFunction`'s.
+    The forward carries the state chunk by chunk (the keys' side, the curvature and the carry need it) and reads every
+    :data:`SCAN_BLOCK` chunks at once once it has passed them (a chunk's reads need only its starting state). The
+    backward, block by block from the last, does at once for the block what does not wait for a later chunk's gradient
+    (the keys' side, the reads, the curvature's part through the gains, the keys' side backward of those), and chunk
+    by chunk, last to first, only the rest (the safeguard, the carry, the curvature's part through the writes, the
+    keys' side backward of those): far fewer operations run one chunk after another than in :class:`ChunkFunction`.
 
     Inputs: ``queries, keys, targets`` (chunks, batch, heads, C, d); the coefficients of :class:`ChunkCoefficients`
     stacked over the chunks (from the gates; divided here by the curvature); per layer the state ``[D; S]`` before the
