@@ -423,6 +423,10 @@ def test_whole_chunks_coefficients_at_once_equal_each_chunk_with_its_curvature(m
                     )
         torch.testing.assert_close(got.gain, -2.0 * expected / n_i.unsqueeze(-1), atol=1e-14, rtol=1e-12)
         torch.testing.assert_close(got.write[..., 0], got.gain[..., -1, :], atol=0, rtol=0)
+        if momentum:  # the momentum slot: S gains -2 g_j (m_C / m_j) / n_C from token j
+            to_end = torch.stack([eta[..., j + 1 :].prod(-1) for j in range(size)], -1)
+            expected_s = -2.0 * g * to_end / n_i[..., -1:]
+            torch.testing.assert_close(got.write[..., 1], expected_s, atol=1e-14, rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------- hand backward

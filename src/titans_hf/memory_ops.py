@@ -153,6 +153,30 @@ def _backward_curvature(
         d_deltas[layer] = _add_scaled(d_deltas[layer], d, d_total * a2)
 
 
+def _backward_divided_by(
+    key_side: _KeySide,
+    c: ChunkCoefficients,
+    d_gain: torch.Tensor | None,
+    d_write: torch.Tensor | None,
+    d_abars: list[torch.Tensor | None],
+    d_deltas: list[torch.Tensor | None],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of ``c = coefficients.divided_by(kappa)`` (``gain_ij = gain0_ij / kappa_j``, ``write_js =
+    write0_js / kappa_j``): returns the gradients of ``gain0`` and ``write0``; kappa's goes on through
+    :func:`_backward_curvature` into ``d_abars`` and ``d_deltas``. Linear in ``d_gain`` and ``d_write``, so their parts
+    may come in separate calls."""
+    kappa, d_kappa = key_side.curvature, None
+    if d_gain is not None:
+        d_kappa = -(d_gain * c.gain).sum(-2)
+        d_gain = d_gain / kappa.unsqueeze(-2)
+    if d_write is not None:
+        d_kappa = _accumulate(d_kappa, -(d_write * c.write).sum(-1))
+        d_write = d_write / kappa.unsqueeze(-1)
+    if d_kappa is not None:
+        _backward_curvature(key_side, d_kappa / kappa, d_abars, d_deltas)
+    return d_gain, d_write
+
+
 def _add_scaled(total: torch.Tensor | None, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``total + x * scale`` with one scale per token (``scale``: ``x``'s shape without the last dimension)."""
     scale = scale.unsqueeze(-1)
@@ -340,7 +364,10 @@ def _gelu_second_derivative(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * x * x) * (2.0 - x * x) * (1.0 / math.sqrt(2.0 * math.pi))
 
 
-def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    """``total + value``, either of them possibly ``None`` (no gradient)."""
+    if value is None:
+        return total
     return value if total is None else total + value
 
 
@@ -448,8 +475,7 @@ def chunk_backward(
     """
     depth = len(weights)
     key_side = _KeySide.recompute(weights, keys, last_delta)
-    kappa = key_side.curvature
-    c = coefficients.divided_by(kappa)
+    c = coefficients.divided_by(key_side.curvature)
     # Gradients with respect to the keys' side, accumulated over the phases.
     d_abars: list[torch.Tensor | None] = [None] * depth
     d_deltas: list[torch.Tensor | None] = [None] * depth
@@ -457,16 +483,7 @@ def chunk_backward(
         c, states, anchors, queries, query_pre, key_side, grad_reads, d_abars, d_deltas
     )
     d_write, d_transition = _backward_carry(c, states, key_side, grad_states, d_states, d_abars, d_deltas)
-    # gain_ij = gain0_ij / kappa_j and write_js = write0_js / kappa_j: their gradients, and kappa's.
-    d_kappa = None
-    if d_gain is not None:
-        d_kappa = -(d_gain * c.gain).sum(-2)
-        d_gain = d_gain / kappa.unsqueeze(-2)
-    if d_write is not None:
-        d_kappa = _accumulate(d_kappa, -(d_write * c.write).sum(-1))
-        d_write = d_write / kappa.unsqueeze(-1)
-    if d_kappa is not None:
-        _backward_curvature(key_side, d_kappa / kappa, d_abars, d_deltas)
+    d_gain, d_write = _backward_divided_by(key_side, c, d_gain, d_write, d_abars, d_deltas)
     d_weights, d_keys, d_targets = _backward_key_side(weights, key_side, d_abars, d_deltas)
     d_coefficients = (d_read, d_gain, d_write, d_transition)
     return d_coefficients, d_weights, d_states, d_anchors, d_queries, d_keys, d_targets
@@ -848,7 +865,7 @@ def _scan_backward(
         d_boundary = d_start if lo == 0 else d_boundary
     for layer, grad in enumerate(grad_starts):  # W_0 is in every output start weight too
         if grad is not None:
-            d_anchors[layer] = _accumulate_optional(d_anchors[layer], grad.sum(dim=(0, 1)).unsqueeze(0))
+            d_anchors[layer] = _accumulate(d_anchors[layer], grad.sum(dim=(0, 1)).unsqueeze(0))
     d_queries, d_keys, d_targets, *d_coefficients = (_cat_optional(parts[::-1], sizes) for parts in zip(*blocks))
     return (d_queries, d_keys, d_targets, *d_coefficients, *d_after, *d_boundary, *d_anchors)
 
@@ -889,8 +906,7 @@ def _scan_block_backward(
     ]
     weights = [w.flatten(0, 1) for w in weights]
     key_side = _KeySide.recompute(weights, fold(saved.keys), fold(saved.last_delta))
-    kappa = key_side.curvature
-    c = ChunkCoefficients(*(fold(f) for f in saved.coefficients.fields())).divided_by(kappa)
+    c = ChunkCoefficients(*(fold(f) for f in saved.coefficients.fields())).divided_by(key_side.curvature)
     d_abars: list[torch.Tensor | None] = [None] * depth
     d_deltas: list[torch.Tensor | None] = [None] * depth
     d_read, d_gain, d_states_read, d_anchors_read, d_queries = _backward_reads(
@@ -904,10 +920,8 @@ def _scan_block_backward(
         d_abars,
         d_deltas,
     )
-    d_anchors = [_accumulate_optional(a, d) for a, d in zip(d_anchors, d_anchors_read)]
-    if d_gain is not None:
-        _backward_curvature(key_side, -(d_gain * c.gain).sum(-2) / kappa, d_abars, d_deltas)
-        d_gain = d_gain / kappa.unsqueeze(-2)
+    d_anchors = [_accumulate(a, d) for a, d in zip(d_anchors, d_anchors_read)]
+    d_gain, _ = _backward_divided_by(key_side, c, d_gain, None, d_abars, d_deltas)  # the gains' part
     d_weights, d_keys, d_targets = _backward_key_side(weights, key_side, d_abars, d_deltas)
 
     # Chunk by chunk, last to first: the gradient of the state after chunk n is what chunk n + 1 sent back.
@@ -932,10 +946,8 @@ def _scan_block_backward(
             c_n, [x[n] for x in states], key_side_n, d_after, d_states, d_abars_n, d_deltas_n
         )
         d_weights_n, d_keys_n, d_targets_n = [None] * depth, None, None
-        if d_write_n is not None:
-            kappa_n = key_side_n.curvature
-            _backward_curvature(key_side_n, -(d_write_n * c_n.write).sum(-1) / kappa_n, d_abars_n, d_deltas_n)
-            d_write_n = d_write_n / kappa_n.unsqueeze(-1)
+        if d_write_n is not None:  # the writes' part
+            _, d_write_n = _backward_divided_by(key_side_n, c_n, None, d_write_n, d_abars_n, d_deltas_n)
             weights_n = [at(w, n) for w in weights]
             d_weights_n, d_keys_n, d_targets_n = _backward_key_side(weights_n, key_side_n, d_abars_n, d_deltas_n)
         d_write.append(d_write_n)
@@ -943,11 +955,10 @@ def _scan_block_backward(
         d_keys_carry.append(d_keys_n)
         d_targets_carry.append(d_targets_n)
         # The weights at chunk n's start: W_0 + slot 0 of the state after chunk n - 1 (n > 0), or the input.
-        d_start = [_accumulate_optional(at(d, n), d_n) for d, d_n in zip(d_weights, d_weights_n)]
+        d_start = [_accumulate(at(d, n), d_n) for d, d_n in zip(d_weights, d_weights_n)]
         if n > 0:
             d_anchors = [
-                _accumulate_optional(a, None if d is None else d.sum(0, keepdim=True))
-                for a, d in zip(d_anchors, d_start)
+                _accumulate(a, None if d is None else d.sum(0, keepdim=True)) for a, d in zip(d_anchors, d_start)
             ]
             d_states = [
                 x if d is None else _add_to_slot(x, d, states[layer][n])
@@ -956,8 +967,8 @@ def _scan_block_backward(
         d_after = d_states
     grads = (
         unfold(d_queries),
-        _accumulate_optional(unfold(d_keys), _restack(d_keys_carry)),
-        _accumulate_optional(unfold(d_targets), _restack(d_targets_carry)),
+        _accumulate(unfold(d_keys), _restack(d_keys_carry)),
+        _accumulate(unfold(d_targets), _restack(d_targets_carry)),
         unfold(d_read),
         unfold(d_gain),
         _restack(d_write),
@@ -989,12 +1000,6 @@ def _add_to_slot(total: torch.Tensor | None, grad: torch.Tensor, like: torch.Ten
     total = torch.zeros_like(like) if total is None else total.clone()
     total[:, :, 0] += grad
     return total
-
-
-def _accumulate_optional(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
-    if value is None:
-        return total
-    return value if total is None else total + value
 
 
 def chunk_scan(
