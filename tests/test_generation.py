@@ -246,7 +246,8 @@ def test_snapshot_round_trip_gives_identical_continuations(variant, tmp_path):
 
 @pytest.mark.parametrize("variant", ["mac", "mag"])
 def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
-    """Snapshots written before the attention state was typed used other names ("keys", "x_keys", "snapshot.0")."""
+    """Snapshots written before the attention state was typed used other names ("keys", "x_keys", "snapshot.0"), and
+    before the memory's slots were stacked, separate ``weights.i``, ``momentum.i`` and ``chunk_update.i``."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -263,8 +264,14 @@ def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
         for new, old in old_names.items():
             if f".{new}" in name:
                 name = name.replace(new, old)
+        if ".memory.slots." in name:  # [W; S; A; B] -> weights, momentum, chunk_update
+            renamed[name.replace(".slots.", ".weights.")] = t[:, :, 0].contiguous()
+            renamed[name.replace(".slots.", ".momentum.")] = t[:, :, 1].contiguous()
+            renamed[name.replace(".slots.", ".chunk_update.")] = t[:, :, 2:].contiguous()
+            continue
         renamed[name] = t
     assert any(".snapshot.0" in n or n.endswith(".keys") and "memory" not in n for n in renamed)
+    assert any(".memory.momentum.0" in n for n in renamed) and not any(".slots." in n for n in renamed)
     with safe_open(tmp_path / "new.safetensors", framework="pt") as f:
         save_file(renamed, tmp_path / "old.safetensors", metadata=f.metadata())
     restored = TitansCache.load(tmp_path / "old.safetensors", model.config)

@@ -232,14 +232,15 @@ class NeuralMemoryState(BatchTensors):
     """Everything the memory needs to continue a stream exactly, for a batch of independent sequences.
 
     Attributes:
-        weights: the current fast weights ``W_t``, one (batch, heads, d_in, d_out) tensor per memory layer
-            (float32, or float64 when the module runs in float64).
-        momentum: the current momentum ``S_t`` (same shapes), or ``None`` when momentum is disabled.
+        slots: per memory layer, the fast weights and what moves them, stacked as (batch, heads, slots, d_in, d_out)
+            (float32, or float64 when the module runs in float64): ``[W; S; A; B]`` with momentum, ``[W; A]``
+            without. ``W`` is the current fast weights ``W_t``, ``S`` the momentum ``S_t``, and ``A`` (``B``) the
+            part of ``W_t - W_0`` (``S_t``) written by the current chunk's tokens, zero on a boundary: the chunk's
+            learning-rate budget rescales it as the chunk goes on, so it is kept apart. One stack, so that a
+            decoding step moves all of them with one matmul (:meth:`NeuralMemory._step`). Read them as
+            :attr:`weights`, :attr:`momentum` and :attr:`chunk_update`.
         chunk_weights: the fast weights at the last chunk boundary, where the gradients of the current chunk are
             taken (equal to ``weights`` on a boundary).
-        chunk_update: the part of ``W_t - W_0`` and ``S_t`` written by the current chunk's tokens, stacked per layer
-            as (batch, heads, 2, d_in, d_out) (1 slot without momentum); zero on a boundary. The chunk's learning-rate
-            budget rescales it as the chunk goes on, so it is kept apart.
         chunk_lr: the learning rates ``theta`` of the current chunk's tokens, summed, (batch, heads); zero on a
             boundary.
         conv: the last ``conv_kernel - 1`` projected (pre-convolution) ``q|k|v`` rows of real tokens,
@@ -254,15 +255,33 @@ class NeuralMemoryState(BatchTensors):
     Its size does not depend on how many tokens were read.
     """
 
-    weights: list[torch.Tensor]
-    momentum: list[torch.Tensor] | None
+    slots: list[torch.Tensor]
     chunk_weights: list[torch.Tensor]
-    chunk_update: list[torch.Tensor]
     chunk_lr: torch.Tensor
     conv: torch.Tensor | None
     seen: torch.Tensor
     chunk_size: int
     common_seen: int | None = None
+
+    @property
+    def has_momentum(self) -> bool:
+        return self.slots[0].shape[2] == 4
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """The current fast weights ``W_t``, (batch, heads, d_in, d_out) per layer (views of :attr:`slots`)."""
+        return [s[:, :, 0] for s in self.slots]
+
+    @property
+    def momentum(self) -> list[torch.Tensor] | None:
+        """The current momentum ``S_t`` per layer (views), or ``None`` when momentum is disabled."""
+        return [s[:, :, 1] for s in self.slots] if self.has_momentum else None
+
+    @property
+    def chunk_update(self) -> list[torch.Tensor]:
+        """``[A; B]`` (``[A]`` without momentum) per layer, (batch, heads, 2 or 1, d_in, d_out) (views)."""
+        half = self.slots[0].shape[2] // 2
+        return [s[:, :, half:] for s in self.slots]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NeuralMemoryState:
         """Moves every tensor to ``device``; ``dtype`` (if given) applies to the floating-point tensors only."""
@@ -270,7 +289,20 @@ class NeuralMemoryState(BatchTensors):
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], chunk_size: int) -> NeuralMemoryState:
-        """Inverse of :meth:`tensors`."""
+        """Inverse of :meth:`tensors` (also reads snapshots from before the :attr:`slots` stack: ``weights.i``,
+        ``momentum.i`` and ``chunk_update.i`` per layer)."""
+        tensors = dict(tensors)
+        if "weights.0" in tensors and "slots.0" not in tensors:
+            layer = 0
+            while f"weights.{layer}" in tensors:
+                parts = [tensors.pop(f"weights.{layer}").unsqueeze(2)]
+                if f"momentum.{layer}" in tensors:
+                    parts.append(tensors.pop(f"momentum.{layer}").unsqueeze(2))
+                if f"chunk_update.{layer}" not in tensors:
+                    raise ValueError("A memory state snapshot without chunk_update: made by an older titans-hf.")
+                parts.append(tensors.pop(f"chunk_update.{layer}"))
+                tensors[f"slots.{layer}"] = torch.cat(parts, dim=2)
+                layer += 1
         seen = tensors["seen"]  # read once, on loading: every sequence at the same place restores the host schedule
         common_seen = int(seen[0]) if seen.numel() and bool((seen == seen[0]).all()) else None
         return super().from_tensors(tensors, chunk_size=chunk_size, common_seen=common_seen)
@@ -644,7 +676,7 @@ class NeuralMemory(nn.Module):
         module's dtype.
         """
         device = device if device is not None else self.norm_weight.device
-        weights = [w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights]
+        weights = [w.to(device, dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights]
         conv = None
         if self.conv_weight is not None:
             conv = torch.zeros(
@@ -654,12 +686,15 @@ class NeuralMemory(nn.Module):
                 device=device,
                 dtype=self.qkv_proj.weight.dtype,
             )
-        slots = 2 if self.use_momentum else 1
+        num_slots = 4 if self.use_momentum else 2
+        slots = []
+        for w in weights:
+            stack = w.new_zeros(batch_size, w.shape[1], num_slots, *w.shape[2:])
+            stack[:, :, 0] = w
+            slots.append(stack)
         return NeuralMemoryState(
-            weights=weights,
-            momentum=[torch.zeros_like(w) for w in weights] if self.use_momentum else None,
+            slots=slots,
             chunk_weights=weights,
-            chunk_update=[w.new_zeros(batch_size, w.shape[1], slots, *w.shape[2:]) for w in weights],
             chunk_lr=torch.zeros(batch_size, self.num_heads, device=device, dtype=dtype),
             conv=conv,
             seen=torch.zeros(batch_size, dtype=torch.long, device=device),
@@ -818,9 +853,7 @@ class NeuralMemory(nn.Module):
         if self.residual:
             reads = reads + slotted.queries
         common_seen = None if counts is not None or state.common_seen is None else state.common_seen + length
-        new_state = self._new_state(
-            state, *self._unstack(carry, anchors), carry, state.seen + schedule.written, common_seen
-        )
+        new_state = self._new_state(state, carry, anchors, state.seen + schedule.written, common_seen)
         return schedule.to_tokens(reads), new_state, starts
 
     def _targets(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -903,21 +936,13 @@ class NeuralMemory(nn.Module):
         return reads
 
     def _carry(self, state: NeuralMemoryState, anchors: list[torch.Tensor]) -> _ChunkCarry:
-        """The state in the form the chunks work on: ``[D; S]`` stacked per layer (``D = W - W_0``)."""
-        deviations = [w - a for w, a in zip(state.weights, anchors)]
-        return _ChunkCarry(
-            self._stack(deviations, state.momentum),
-            list(state.chunk_update),
-            state.chunk_lr,
-            list(state.chunk_weights),
-        )
-
-    @staticmethod
-    def _stack(deviations: list[torch.Tensor], momenta: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """``[D; S]`` per layer as (batch, heads, slots, d_in, d_out) (one slot without momentum)."""
-        if momenta is None:
-            return [d.unsqueeze(2) for d in deviations]
-        return [torch.stack([d, s], dim=2) for d, s in zip(deviations, momenta)]
+        """The state in the form the chunks work on: ``[D; S]`` (``D = W - W_0``) and ``[A; B]`` per layer."""
+        half = state.slots[0].shape[2] // 2
+        running = []
+        for s, a in zip(state.slots, anchors):
+            deviation = s[:, :, :1] - a.unsqueeze(2)
+            running.append(torch.cat([deviation, s[:, :, 1:half]], dim=2) if half > 1 else deviation)
+        return _ChunkCarry(running, state.chunk_update, state.chunk_lr, list(state.chunk_weights))
 
     def _close_chunk(self, rows: torch.Tensor | bool, carry: _ChunkCarry, anchors: list[torch.Tensor]) -> None:
         """A chunk boundary, for the sequences ``rows`` (updates ``carry``): the chunk's update joins the state, the
@@ -927,32 +952,24 @@ class NeuralMemory(nn.Module):
         carry.lr_sum = _where_batch(rows, torch.zeros_like(carry.lr_sum), carry.lr_sum)
         carry.boundary = _select_rows(rows, [r[:, :, 0] + a for r, a in zip(carry.running, anchors)], carry.boundary)
 
-    @staticmethod
-    def _unstack(
-        carry: _ChunkCarry, anchors: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """The fast weights ``W = W_0 + D`` and the momentum ``S`` (``None`` without) of the carry's ``[D; S]``."""
-        weights = [x[:, :, 0] + a for x, a in zip(carry.running, anchors)]
-        momentum = None if carry.running[0].shape[2] == 1 else [x[:, :, 1].contiguous() for x in carry.running]
-        return weights, momentum
-
     def _new_state(
         self,
         state: NeuralMemoryState,
-        weights: list[torch.Tensor],
-        momentum: list[torch.Tensor] | None,
         carry: _ChunkCarry,
+        anchors: list[torch.Tensor],
         seen: torch.Tensor,
         common_seen: int | None,
     ) -> NeuralMemoryState:
-        """The state after a call: its fast weights and momentum, and the chunk's update, learning-rate sum and
-        gradient weights from the carry (contiguous, so that a live state and a reloaded snapshot compute alike); the
-        conv tail is set by the caller."""
+        """The state after a call, from the carry: ``[W; S; A; B]`` stacked (contiguous, so that a live state and a
+        reloaded snapshot compute alike) with the chunk's learning-rate sum and gradient weights; the conv tail is
+        set by the caller."""
+        slots = [
+            torch.cat([r[:, :, :1] + a.unsqueeze(2), r[:, :, 1:], u], dim=2)
+            for r, u, a in zip(carry.running, carry.update, anchors)
+        ]
         return NeuralMemoryState(
-            weights=weights,
-            momentum=momentum,
+            slots=slots,
             chunk_weights=carry.boundary,
-            chunk_update=[u.contiguous() for u in carry.update],
             chunk_lr=carry.lr_sum,
             conv=state.conv,
             seen=seen,
@@ -967,11 +984,15 @@ class NeuralMemory(nn.Module):
     def _step(self, state: NeuralMemoryState, tokens: MemoryInputs) -> tuple[torch.Tensor, NeuralMemoryState]:
         """One real token per sequence (decoding) as the plain recurrence the closed form sums: the gradient at the
         chunk's start weights, its step curvature ``kappa``, the budget scale ``n`` of the chunk so far, then the read
-        ``M_W(q)``; on a chunk boundary the chunk closes as in :meth:`_run_chunks`. With ``D = W - W_0`` split into
-        the chunk's own update ``A`` (and ``B`` of ``S``) and the rest, and ``rho = n_before / n``:
+        ``M_W(q)``; on a chunk boundary the chunk closes as in :meth:`_run_chunks`. With ``A`` (``B``) the part of
+        ``W - W_0`` (``S``) written by the chunk's earlier tokens, ``rho = n_before / n`` and the scaled rank-one step
+        ``w = -2 (1 - eta) theta u / (kappa n)``:
 
-            B = rho eta B - 2 (1 - eta) theta u / (kappa n)       S = eta (S - B_before) + B
-            A = rho r A + B                                       D = r (D - A_before) + eta (S - B_before) + A
+            B' = rho eta B + w                  S' = eta (S - B) + B'
+            A' = rho r A + B'                   W' = W_0 + r (W - W_0 - A) + eta (S - B) + A'
+
+        that is ``[W'; S'; A'; B'] = T [W; S; A; B] + w + (1 - r) W_0 [1; 0; 0; 0]`` with the per-head transition
+        :meth:`_step_transition`: one matmul over the state's :attr:`~NeuralMemoryState.slots` per memory layer.
 
         The same arithmetic as :func:`~memory_ops.chunk_forward` on a run of one token; cached decoding is tested
         against the full (chunked) pass for every variant.
@@ -981,40 +1002,56 @@ class NeuralMemory(nn.Module):
         theta = tokens.lr[..., 0]  # (batch, heads)
         lr_sum = state.chunk_lr + theta
         scale = 1.0 / torch.clamp(lr_sum / self.max_lr, min=1.0)  # 1 / n
-        rho = (torch.clamp(state.chunk_lr / self.max_lr, min=1.0) * scale)[..., None, None]
-        retention = torch.exp(tokens.log_retention)[..., None]  # (batch, heads, 1, 1)
-        momentum = None if log_momentum is None else torch.exp(log_momentum)[..., None]
+        rho = torch.clamp(state.chunk_lr / self.max_lr, min=1.0) * scale
+        retention = torch.exp(tokens.log_retention[..., 0])  # (batch, heads)
+        momentum = None if log_momentum is None else torch.exp(log_momentum[..., 0])
         step = -2.0 * theta * scale / step_curvature(inputs, deltas)[..., 0]
         if momentum is not None:
-            step = step * (1.0 - momentum[..., 0, 0])
+            step = step * (1.0 - momentum)
+        transition = self._step_transition(retention, momentum, rho)
         anchors = self._anchors(q.dtype)
-        deviations, momenta, updates = [], None if momentum is None else [], []
+        slots = []
         for layer, (abar, delta) in enumerate(zip(inputs, deltas)):
-            written = abar.transpose(-1, -2) @ (delta * step[..., None, None])  # the scaled rank-one step
-            own = state.chunk_update[layer]
-            rest = state.weights[layer] - anchors[layer] - own[:, :, 0]  # D without the chunk's own update
-            if momentum is None:
-                own_d = torch.addcmul(written, own[:, :, 0], rho * retention)
-                updates.append(own_d.unsqueeze(2))
-                deviations.append(torch.addcmul(own_d, rest, retention))
-                continue
-            rest_s = (state.momentum[layer] - own[:, :, 1]) * momentum
-            own_s = torch.addcmul(written, own[:, :, 1], rho * momentum)
-            own_d = torch.addcmul(own_s, own[:, :, 0], rho * retention)
-            updates.append(torch.stack([own_d, own_s], dim=2))
-            momenta.append(rest_s + own_s)
-            deviations.append(torch.addcmul(rest_s + own_d, rest, retention))
-        weights = [d + a for d, a in zip(deviations, anchors)]
-        reads = memory_mlp(weights, q, self.residual)
-        carry = _ChunkCarry(None, updates, lr_sum, list(state.chunk_weights))
-        seen = state.seen + 1
-        common_seen = None if state.common_seen is None else state.common_seen + 1
-        closes = seen % self.chunk_size == 0 if common_seen is None else common_seen % self.chunk_size == 0
-        if _any(closes):  # (stacked only here: a decoding step between boundaries does not pay for it)
-            carry.running = self._stack(deviations, momenta)
+            old = state.slots[layer]
+            new = (transition @ old.flatten(-2).flatten(0, 1)).view_as(old)
+            # + w in every slot: the scaled rank-one step abar^T (step delta), added in place to all slots at once
+            abar_t = abar.transpose(-1, -2).unsqueeze(2).expand(*new.shape[:-1], 1)
+            scaled = (delta * step[..., None, None]).unsqueeze(2).expand(*new.shape[:-2], 1, new.shape[-1])
+            new.flatten(0, 2).baddbmm_(abar_t.flatten(0, 2), scaled.flatten(0, 2))
+            new[:, :, 0].addcmul_(anchors[layer], (1.0 - retention)[..., None, None])
+            slots.append(new)
+        new_state = NeuralMemoryState(
+            slots=slots,
+            chunk_weights=state.chunk_weights,
+            chunk_lr=lr_sum,
+            conv=state.conv,
+            seen=state.seen + 1,
+            chunk_size=self.chunk_size,
+            common_seen=None if state.common_seen is None else state.common_seen + 1,
+        )
+        reads = memory_mlp(new_state.weights, q, self.residual)
+        seen = new_state.seen if new_state.common_seen is None else new_state.common_seen
+        closes = seen % self.chunk_size == 0
+        if _any(closes):
+            carry = self._carry(new_state, anchors)
             self._close_chunk(closes, carry, anchors)
-            weights, momenta = self._unstack(carry, anchors)
-        return reads, self._new_state(state, weights, momenta, carry, seen, common_seen)
+            new_state = self._new_state(new_state, carry, anchors, new_state.seen, new_state.common_seen)
+        return reads, new_state
+
+    @staticmethod
+    def _step_transition(retention: torch.Tensor, momentum: torch.Tensor | None, rho: torch.Tensor) -> torch.Tensor:
+        """The matrix ``T`` of :meth:`_step` per sequence and head, (batch * heads, slots, slots): on ``[W; S; A; B]``
+        ``[[r, eta, (rho-1) r, (rho-1) eta], [0, eta, 0, (rho-1) eta], [0, 0, rho r, rho eta], [0, 0, 0, rho eta]]``,
+        on ``[W; A]`` (no momentum) ``[[r, (rho-1) r], [0, rho r]]``."""
+        zero = torch.zeros_like(rho)
+        kept_r, own_r = (rho - 1.0) * retention, rho * retention
+        if momentum is None:
+            rows = [[retention, kept_r], [zero, own_r]]
+        else:
+            kept_m, own_m = (rho - 1.0) * momentum, rho * momentum
+            rows = [[retention, momentum, kept_r, kept_m], [zero, momentum, zero, kept_m], [zero, zero, own_r, own_m]]
+            rows.append([zero, zero, zero, own_m])
+        return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2).flatten(0, 1)
 
     def bound(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """The ``max_weight_rms`` safeguard, applied to each layer's ``[W - W_0; S]`` (batch, heads, s, d_in, d_out)."""
@@ -1087,15 +1124,14 @@ class NeuralMemory(nn.Module):
         if not isinstance(state, NeuralMemoryState):
             raise ValueError(f"state must be a NeuralMemoryState, got {type(state).__name__}.")
         expected = [(batch_size, *w.shape) for w in self.initial_weights]
-        found = [tuple(w.shape) for w in state.weights]
-        if found != expected:
+        num_slots = 4 if self.use_momentum else 2
+        expected_slots = [(b, h, num_slots, i, o) for b, h, i, o in expected]
+        found = [tuple(s.shape) for s in state.slots]
+        if found != expected_slots:
             raise ValueError(
-                f"state does not match this memory: fast weights {found}, expected {expected} "
-                "(batch, heads, d_in, d_out per layer). Was it made by a memory with another configuration or batch?"
-            )
-        if (state.momentum is None) == self.use_momentum:
-            raise ValueError(
-                f"state {'lacks' if state.momentum is None else 'has'} momentum but momentum={self.use_momentum}."
+                f"state does not match this memory: slots {found}, expected {expected_slots} (batch, heads, "
+                f"[W; S; A; B] with momentum or [W; A] without, d_in, d_out per layer; momentum={self.use_momentum}). "
+                "Was it made by a memory with another configuration or batch?"
             )
         if state.chunk_size != self.chunk_size:
             raise ValueError(
@@ -1103,14 +1139,8 @@ class NeuralMemory(nn.Module):
             )
         if [tuple(w.shape) for w in state.chunk_weights] != expected:
             raise ValueError(f"state chunk_weights do not match this memory: expected {expected}.")
-        slots = 2 if self.use_momentum else 1
-        expected_update = [(b, h, slots, i, o) for b, h, i, o in expected]
-        found_update = None if state.chunk_update is None else [tuple(u.shape) for u in state.chunk_update]
-        if found_update != expected_update or state.chunk_lr is None:
-            raise ValueError(
-                f"state chunk_update has shapes {found_update}, expected {expected_update} (and a chunk_lr): was it "
-                "made by an older version of titans-hf? Start a new stream."
-            )
+        if state.chunk_lr is None:
+            raise ValueError("state has no chunk_lr: was it made by an older version of titans-hf? Start a new stream.")
         if tuple(state.chunk_lr.shape) != (batch_size, self.num_heads):
             raise ValueError(
                 f"state chunk_lr has shape {tuple(state.chunk_lr.shape)}, expected {(batch_size, self.num_heads)}."
