@@ -640,6 +640,9 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         """
         if use_cache and x.shape[1] == 1 and layout.all_real and not output_attentions:
             slot = layout.seen % self.config.segment_size
+            # Whether the token continues a segment: on the host when every row is at the same place, so that the
+            # segment's start weights are picked without a per-step select over the memory's weights.
+            continuing = slot > 0 if layout.common_seen is None else layout.common_seen % self.config.segment_size > 0
             attend = functools.partial(
                 self.attention.forward_segment_step,
                 position_embeddings=position_embeddings,
@@ -647,7 +650,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 state=segment_state,
             )
             y, _, memory_state, segment_state = self._segment(
-                self.input_layernorm(x), slice(None), attend, memory_state, segment_state, slot > 0, True, 1, None
+                self.input_layernorm(x), slice(None), attend, memory_state, segment_state, continuing, True, 1, None
             )
             return x + y, None, memory_state, segment_state
 

@@ -1140,7 +1140,9 @@ class NeuralMemory(nn.Module):
         if [tuple(w.shape) for w in state.chunk_weights] != expected:
             raise ValueError(f"state chunk_weights do not match this memory: expected {expected}.")
         if state.chunk_lr is None:
-            raise ValueError("state has no chunk_lr: was it made by an older version of titans-hf? Start a new stream.")
+            raise ValueError(
+                "state has no chunk_lr: was it made by an older version of titans-hf? Start a new stream."
+            )
         if tuple(state.chunk_lr.shape) != (batch_size, self.num_heads):
             raise ValueError(
                 f"state chunk_lr has shape {tuple(state.chunk_lr.shape)}, expected {(batch_size, self.num_heads)}."
