@@ -247,7 +247,8 @@ def test_snapshot_round_trip_gives_identical_continuations(variant, tmp_path):
 @pytest.mark.parametrize("variant", ["mac", "mag"])
 def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
     """Snapshots written before the attention state was typed used other names ("keys", "x_keys", "snapshot.0"), and
-    before the memory's slots were stacked, separate ``weights.i``, ``momentum.i`` and ``chunk_update.i``."""
+    before the memory's slots were stacked, separate ``weights.i``, ``momentum.i`` and ``chunk_update.i``; they
+    had no keys of the persistent tokens."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -261,6 +262,8 @@ def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
     }
     renamed = {}
     for name, t in load_file(tmp_path / "new.safetensors").items():
+        if ".persistent_" in name:  # the persistent tokens' keys: not in older snapshots, projected again
+            continue
         for new, old in old_names.items():
             if f".{new}" in name:
                 name = name.replace(new, old)
@@ -275,9 +278,35 @@ def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
     with safe_open(tmp_path / "new.safetensors", framework="pt") as f:
         save_file(renamed, tmp_path / "old.safetensors", metadata=f.metadata())
     restored = TitansCache.load(tmp_path / "old.safetensors", model.config)
-    assert restored.state_dict().keys() == cache.state_dict().keys()
+    assert restored.state_dict().keys() == {n for n in cache.state_dict() if ".persistent_" not in n}
     with torch.no_grad():
         assert torch.equal(model(x[:, 19:], cache=cache).logits, model(x[:, 19:], cache=restored).logits)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag"])
+def test_persistent_keys_are_projected_once_per_stream_unless_gradients_are_recorded(variant):
+    """Decoding takes the persistent tokens' keys and values from the cache (one key projection per layer and step:
+    the token's); a call that records gradients projects them again, so that its loss reaches them."""
+    model = tiny_model(variant)
+    x = ids(length=20)
+    rows = []
+    hooks = [
+        layer.attention.k_proj.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+        for layer in model.model.layers
+    ]
+    cache = TitansCache(model.config)
+    with torch.no_grad():
+        model(x[:, :19], cache=cache)
+        rows.clear()
+        model(x[:, 19:], cache=cache)
+    assert rows and all(n == 1 for n in rows)  # the token only: the persistent keys came from the cache
+    for hook in hooks:
+        hook.remove()
+    model.train()
+    model.zero_grad()
+    model(x[:, 19:], cache=cache).logits.sum().backward()  # a call with gradients, on a cache made without
+    for layer in model.model.layers:
+        assert layer.attention.persistent.grad is not None and layer.attention.persistent.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------- errors

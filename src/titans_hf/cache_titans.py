@@ -55,10 +55,14 @@ def config_signature(config) -> dict:
 @dataclass
 class WindowState(BatchTensors):
     """MAG / MAL attention: keys and values of the last ``sliding_window - 1`` real tokens before the next block,
-    right-aligned (slot ``i`` holds position ``seen - (sliding_window - 1) + i``), (batch, kv_heads, window - 1, head_dim)."""
+    right-aligned (slot ``i`` holds position ``seen - (sliding_window - 1) + i``), (batch, kv_heads, window - 1, head_dim),
+    and those of the persistent tokens, (batch, kv_heads, num_persistent_tokens, head_dim) (``None`` without; projected
+    once per stream, see ``TitansAttention.persistent_key_values``)."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    persistent_keys: torch.Tensor | None = None
+    persistent_values: torch.Tensor | None = None
 
 
 @dataclass
@@ -71,6 +75,7 @@ class SegmentState(BatchTensors):
         start_weights: the memory's fast weights at the segment's start, with which all its tokens read the memory
             (per memory layer, (batch, heads, d_in, d_out), kept in the memory's dtype); ``None`` without memory.
         read_conv: the conv tail of the read queries (batch, conv_kernel - 1, heads * head_dim), or ``None``.
+        persistent_keys, persistent_values: of the persistent tokens, as in :class:`WindowState`.
     """
 
     keys: torch.Tensor
@@ -79,6 +84,8 @@ class SegmentState(BatchTensors):
     read_values: torch.Tensor | None = None
     start_weights: list[torch.Tensor] | None = None
     read_conv: torch.Tensor | None = None
+    persistent_keys: torch.Tensor | None = None
+    persistent_values: torch.Tensor | None = None
 
 
 # Fields of the attention states that hold memory weights: they keep the memory's dtype (float32 under bf16).

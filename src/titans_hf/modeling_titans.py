@@ -296,14 +296,32 @@ class TitansAttention(nn.Module):
         keys = apply_rotary(self._heads(self.k_proj(x), self.num_key_value_heads), cos, sin)
         return keys, self._heads(self.v_proj(x), self.num_key_value_heads)
 
-    def with_persistent(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepends the persistent keys and values (batch taken from ``keys``)."""
+    def persistent_key_values(
+        self, batch: int, dtype: torch.dtype, state: WindowState | SegmentState | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The persistent tokens' keys and values, (batch, kv_heads, num_persistent, head_dim); ``None`` without.
+
+        Projected once per stream and kept in the cache like the keys of past tokens: a call without gradients
+        (decoding) takes them from ``state``; a call that records gradients projects them again, so that every call
+        reaches the persistent tokens and the projections."""
         if self.persistent is None:
+            return None
+        cached = None if state is None else state.persistent_keys
+        if cached is not None and not torch.is_grad_enabled() and cached.dtype == dtype and cached.shape[0] == batch:
+            return cached, state.persistent_values
+        p = self.persistent.to(dtype).unsqueeze(0)
+        keys = self._heads(self.k_proj(p), self.num_key_value_heads).expand(batch, -1, -1, -1)
+        return keys, self._heads(self.v_proj(p), self.num_key_value_heads).expand(batch, -1, -1, -1)
+
+    @staticmethod
+    def with_persistent(
+        keys: torch.Tensor, values: torch.Tensor, persistent: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepends the persistent keys and values (the same for every row; batch taken from ``keys``)."""
+        if persistent is None:
             return keys, values
-        p = self.persistent.to(keys.dtype).unsqueeze(0)
-        pk = self._heads(self.k_proj(p), self.num_key_value_heads).expand(keys.shape[0], -1, -1, -1)
-        pv = self._heads(self.v_proj(p), self.num_key_value_heads).expand(keys.shape[0], -1, -1, -1)
-        return torch.cat([pk, keys], dim=2), torch.cat([pv, values], dim=2)
+        shape = (keys.shape[0], -1, -1, -1)
+        return tuple(torch.cat([p[:1].expand(shape), t], dim=2) for p, t in zip(persistent, (keys, values)))
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_function: Callable | None
@@ -363,6 +381,7 @@ class TitansAttention(nn.Module):
         cos, sin = position_embeddings
         queries = self.queries(x, cos, sin)
         keys, values = self.keys_values(x, cos, sin)
+        persistent = self.persistent_key_values(batch, keys.dtype, state)
         if state is not None:
             past_keys, past_values = state.keys, state.values
         else:
@@ -375,7 +394,7 @@ class TitansAttention(nn.Module):
 
         block = length if output_attentions else max(window, 64)
         if length <= block:
-            key, value = self.with_persistent(all_keys, all_values)
+            key, value = self.with_persistent(all_keys, all_values, persistent)
             # A decoding step whose window is full sees every key: no mask to build.
             if layout.common_seen is not None:
                 full_window = layout.common_seen >= past
@@ -402,7 +421,7 @@ class TitansAttention(nn.Module):
                 batch * blocks, self.num_heads, block, self.head_dim
             )
             folded_real = F.pad(all_real, (0, pad), value=False).unfold(1, span, block).reshape(batch * blocks, span)
-            key, value = self.with_persistent(fold_keys(all_keys), fold_keys(all_values))
+            key, value = self.with_persistent(fold_keys(all_keys), fold_keys(all_values), persistent)
             mask = window_mask_function(self.num_persistent, window, past, folded_real)
             out, weights = self.attend(folded_queries, key, value, mask)
             out = out.view(batch, blocks * block, -1)[:, :length]
@@ -416,7 +435,7 @@ class TitansAttention(nn.Module):
                 index = (layout.counts.unsqueeze(1) + torch.arange(past, device=x.device)).view(batch, 1, past, 1)
                 index = index.expand(batch, self.num_key_value_heads, past, self.head_dim)
                 new_keys, new_values = all_keys.gather(2, index), all_values.gather(2, index)
-            new_state = WindowState(new_keys, new_values)
+            new_state = WindowState(new_keys, new_values, *(persistent or (None, None)))
         return self.o_proj(out), weights, new_state
 
     # ------------------------------------------------------------------------------------------------ MAC
@@ -437,7 +456,7 @@ class TitansAttention(nn.Module):
         segment that a previous call started, whose keys and values are in ``state``. Returns the output, the
         weights and the segment's keys and values (a :class:`SegmentState` without memory weights).
         """
-        queries, fresh = self._segment_projections(x, reads, position_embeddings)
+        queries, fresh = self._segment_projections(x, reads, position_embeddings, state)
         if state is not None and cached is not None:
             take_new = incoming.view(incoming.shape[0], 1, -1, 1)
             fresh = _merge_key_values(fresh, state, lambda t, old: torch.where(take_new, t, old))
@@ -460,24 +479,30 @@ class TitansAttention(nn.Module):
         query attends to the slots up to it. Returns the output (batch, 1, hidden), no weights and the segment's keys
         and values."""
         segment = self.config.segment_size
-        queries, fresh = self._segment_projections(x, reads, position_embeddings)
+        queries, fresh = self._segment_projections(x, reads, position_embeddings, state)
         here = (torch.arange(segment, device=x.device) == slot.unsqueeze(1)).view(x.shape[0], 1, segment, 1)
         if state is None:
-            state = fresh.apply(lambda t: t.new_zeros(*t.shape[:2], segment, t.shape[-1]))
+            empty = replace(fresh, persistent_keys=None, persistent_values=None)  # (persistent: from `fresh` below)
+            state = empty.apply(lambda t: t.new_zeros(*t.shape[:2], segment, t.shape[-1]))
         updated = _merge_key_values(fresh, state, lambda t, old: torch.where(here, t, old))
         mask = segment_step_mask_function(self.num_persistent, segment, slot)
         out, _ = self._attend_segment(queries, updated, mask)
         return self.o_proj(out), None, updated
 
     def _segment_projections(
-        self, x: torch.Tensor, reads: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        x: torch.Tensor,
+        reads: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        state: SegmentState | None,
     ) -> tuple[torch.Tensor, SegmentState]:
         """The queries of the segment's tokens, and the keys and values of the tokens and of their memory reads (at
-        the same positions)."""
+        the same positions) and of the persistent tokens (from ``state`` when decoding)."""
         cos, sin = position_embeddings
         keys, values = self.keys_values(x, cos, sin)
         read_keys, read_values = (None, None) if reads is None else self.keys_values(reads, cos, sin)
-        return self.queries(x, cos, sin), SegmentState(keys, values, read_keys, read_values)
+        persistent = self.persistent_key_values(x.shape[0], keys.dtype, state) or (None, None)
+        return self.queries(x, cos, sin), SegmentState(keys, values, read_keys, read_values, None, None, *persistent)
 
     def _attend_segment(
         self, queries: torch.Tensor, state: SegmentState, mask_function: Callable
@@ -485,15 +510,16 @@ class TitansAttention(nn.Module):
         """Attention over ``[persistent || memory reads || segment]`` (paper eq. 21-22)."""
         keys = [t for t in (state.read_keys, state.keys) if t is not None]
         values = [t for t in (state.read_values, state.values) if t is not None]
-        key, value = self.with_persistent(torch.cat(keys, dim=2), torch.cat(values, dim=2))
+        persistent = None if state.persistent_keys is None else (state.persistent_keys, state.persistent_values)
+        key, value = self.with_persistent(torch.cat(keys, dim=2), torch.cat(values, dim=2), persistent)
         return self.attend(queries, key, value, mask_function)
 
 
 def _merge_key_values(
     new: SegmentState, old: SegmentState, select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ) -> SegmentState:
-    """A segment's keys and values taken from ``new`` or ``old`` by ``select(new_tensor, old_tensor)``; the other
-    fields (memory weights, conv tail) from ``old``."""
+    """A segment's keys and values taken from ``new`` or ``old`` by ``select(new_tensor, old_tensor)``, the persistent
+    tokens' from ``new``; the other fields (memory weights, conv tail) from ``old``."""
     read_keys, read_values = (
         (None, None)
         if new.read_keys is None
@@ -505,6 +531,8 @@ def _merge_key_values(
         values=select(new.values, old.values),
         read_keys=read_keys,
         read_values=read_values,
+        persistent_keys=new.persistent_keys,
+        persistent_values=new.persistent_values,
     )
 
 
