@@ -705,7 +705,12 @@ def _scan_forward(
     the last (per layer (chunks + 1, ...)), the safeguard's factors (per layer (chunks, ...) or ``None``), the
     queries' pre-activations and the last layer's errors (chunk-major)."""
     chunks, depth = queries.shape[0], len(running)
-    states, factors, starts = [[r] for r in running], [[] for _ in running], [[] for _ in running]
+    # The states entering every chunk and after the last, written in place into one tensor per layer: the block's
+    # reads take a view of it, and the backward keeps it (no list to stack, no second copy).
+    states = [r.new_empty(chunks + 1, *r.shape) for r in running]
+    for at_layer, r in zip(states, running):
+        at_layer[0] = r
+    factors, starts = [[] for _ in running], [[] for _ in running]
     reads, query_pre, last_delta = [], [[] for _ in range(depth - 1)], []
     for lo in range(0, chunks, SCAN_BLOCK):
         block = range(lo, min(lo + SCAN_BLOCK, chunks))
@@ -722,15 +727,16 @@ def _scan_forward(
                     at_layer.append(f)
             boundary = [r[:, :, 0] + a for r, a in zip(running, anchors)]
             for layer, x in enumerate(running):
-                states[layer].append(x)
-                starts[layer].append(boundary[layer])
+                states[layer][n + 1] = x
+                if all_starts or n == chunks - 1:
+                    starts[layer].append(boundary[layer])
                 inputs_block[layer].append(inputs[layer])
                 deltas_block[layer].append(deltas[layer])
         # The block's reads at once: its chunks folded into the batch.
         size, fold = len(block), slice(block.start, block.stop)
         c = ChunkCoefficients(*(f[fold].flatten(0, 1) for f in coefficients.fields()))
         y, pre = _chunk_reads(
-            [torch.stack(x[fold]).flatten(0, 1) for x in states],
+            [x[fold].flatten(0, 1) for x in states],
             [torch.stack(x).flatten(0, 1) for x in inputs_block],
             [torch.stack(x).flatten(0, 1) for x in deltas_block],
             c.divided_by(torch.stack(kappas).flatten(0, 1)),
@@ -741,9 +747,9 @@ def _scan_forward(
         for at_layer, p in zip(query_pre, pre):
             at_layer.append(p.unflatten(0, (size, -1)))
         last_delta.append(torch.stack(deltas_block[-1]))
-    saved = ([torch.stack(x) for x in states], [torch.stack(f) if f else None for f in factors])
+    saved = (states, [torch.stack(f) if f else None for f in factors])
     saved += ([_cat(p) for p in query_pre], _cat(last_delta))
-    starts = [torch.stack(x) if all_starts else x[-1].unsqueeze(0) for x in starts]
+    starts = [torch.stack(x) for x in starts]  # every chunk's (all_starts), else the last one only
     return _cat(reads), running, starts, *saved
 
 
