@@ -214,6 +214,28 @@ def test_streaming_memory_does_not_grow(variant):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_tensors_hold_no_more_memory_than_they_show(variant):
+    """The cache keeps alive only what it shows (``cache.nbytes``): no cache tensor is a view into a larger block-sized tensor
+    (the convolved block, the block's keys, every segment's start weights), after a long prompt, a padded call and a
+    decoding step."""
+    model = tiny_model(variant, dtype=torch.float32)
+    x = ids(batch=2, length=48)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0
+    cache = TitansCache(model.config)
+    with torch.no_grad():
+        for block, block_mask in ((x[:, :40], None), (x[:, 40:47], mask[:, 40:47]), (x[:, 47:], None)):
+            model(block, attention_mask=block_mask, cache=cache)
+            storages, shown = {}, 0
+            for layer in cache.layers:
+                for state in (layer.memory, layer.attention):
+                    for _, t in [] if state is None else state.named_tensors():
+                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                        shown += t.numel() * t.element_size()
+            assert sum(storages.values()) <= shown
+
+
 def read_19_tokens(variant: str) -> tuple[TitansForCausalLM, torch.Tensor, TitansCache]:
     """A tiny model, 30 tokens, and a cache that has read the first 19 (mid-chunk, mid-window, mid-segment)."""
     model = tiny_model(variant)

@@ -430,7 +430,8 @@ class TitansAttention(nn.Module):
         if use_cache and past > 0:
             # The last `past` real tokens: packed rows end their real tokens at past + counts.
             if layout.all_real:
-                new_keys, new_values = all_keys[:, :, length:], all_values[:, :, length:]
+                # (copies: a cache holding views would keep the whole block's keys alive)
+                new_keys, new_values = all_keys[:, :, length:].clone(), all_values[:, :, length:].clone()
             else:
                 index = (layout.counts.unsqueeze(1) + torch.arange(past, device=x.device)).view(batch, 1, past, 1)
                 index = index.expand(batch, self.num_key_value_heads, past, self.head_dim)
@@ -768,8 +769,13 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             cached=None,
         )
         y = self.gate(y, fold(memory_out)).reshape(batch, slots_total, hidden)
-        last = key_values.apply(lambda t: t.unflatten(0, (batch, rounds))[:, -1])  # the segment a cache continues
-        return y, memory_state, replace(last, start_weights=[w[:, -1] for w in start_weights], read_conv=read_conv)
+        # The segment a cache continues, copied out (views would keep every segment's keys and weights alive).
+        last = key_values.apply(lambda t: t.unflatten(0, (batch, rounds))[:, -1].clone())
+        return (
+            y,
+            memory_state,
+            replace(last, start_weights=[w[:, -1].clone() for w in start_weights], read_conv=read_conv),
+        )
 
     def _segment(
         self,
@@ -813,6 +819,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         y, weights, key_values = attend(slots[:, part], reads=reads)
         if segment_state is not None:
             key_values = _merge_key_values(key_values, segment_state, lambda t, old: _where_batch(active, t, old))
+        # (`contiguous`: at a segment start the weights are views of the memory state's slots, not to be kept alive)
+        start_weights = None if start_weights is None else [w.contiguous() for w in start_weights]
         segment_state = replace(key_values, start_weights=start_weights, read_conv=read_conv)
         if self.memory is not None:
             written = slots[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)

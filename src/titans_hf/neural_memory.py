@@ -721,7 +721,7 @@ class NeuralMemory(nn.Module):
         width = tail.shape[1]
         out = CausalConvSiLU.apply(padded, weight)
         if counts is None:
-            new_tail = padded[:, padded.shape[1] - width :]
+            new_tail = padded[:, padded.shape[1] - width :].clone()  # (a view would keep all of `padded` alive)
         else:
             index = counts.unsqueeze(1) + torch.arange(width, device=counts.device)
             new_tail = _gather_time(padded, index, dim=1)
@@ -884,7 +884,8 @@ class NeuralMemory(nn.Module):
             anchors,
             all_starts=boundaries is not None,
         )
-        carry.boundary = [s[-1] for s in starts]
+        # (with every start kept, copied out: a state holding a view would keep all of them alive)
+        carry.boundary = [s[-1].clone() if boundaries is not None else s[-1] for s in starts]
         if boundaries is not None:  # the weights at the boundaries before the block's last token
             ends_block = schedule.first_run + schedule.whole * schedule.size == schedule.length
             boundaries.extend([s[n] for s in starts] for n in range(schedule.whole - ends_block))
