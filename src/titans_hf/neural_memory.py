@@ -265,6 +265,7 @@ class NeuralMemoryState(BatchTensors):
 
     @property
     def has_momentum(self) -> bool:
+        """Whether the slots hold momentum (``[W; S; A; B]``) or not (``[W; A]``)."""
         return self.slots[0].shape[2] == 4
 
     @property
