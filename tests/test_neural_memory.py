@@ -19,6 +19,7 @@ from titans_hf.memory_ops import (
     ChunkFunction,
     ChunkScan,
     chunk_forward,
+    chunk_scan,
     safeguard_factor,
 )
 from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
@@ -498,7 +499,8 @@ def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap
     against ChunkFunction run chunk after chunk with the safeguard at every boundary, autograd through both, float64:
     the reads, the last state, the weights at every later chunk start, and the gradients of every input. The
     safeguard's cap is low enough that it acts on some chunks and not on others. Four chunks, in one block or in
-    blocks of 3 and 1 (the at-once parts run per block)."""
+    blocks of 3 and 1 (the at-once parts run per block); the values also without gradients (``chunk_scan``'s path
+    that keeps one block's states at a time)."""
     monkeypatch.setattr(memory_ops, "SCAN_BLOCK", block)
     torch.manual_seed(depth)
     chunks, batch, heads, size, dim, hidden = 4, 2, 2, 5, 3, 4
@@ -542,6 +544,10 @@ def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap
         acted = sum(acted, [])
         assert any(acted) and not all(acted)  # the safeguard acts on some states, not all
     for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with torch.no_grad():  # the path without a backward (one block's states kept at a time)
+        reads, state, starts = chunk_scan(cap, q, k, t, coefficients, running, boundary, anchors, all_starts=True)
+    for a, b in zip((reads, *state, *starts), slow):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     upstream = [torch.randn_like(x) for x in fast]
     # Every output; the reads only (the state gradients arrive as None); the reads and the start weights.

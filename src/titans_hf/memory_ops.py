@@ -695,6 +695,7 @@ def _scan_forward(
     running: list[torch.Tensor],
     boundary: list[torch.Tensor],
     anchors: list[torch.Tensor],
+    for_backward: bool = True,
 ) -> tuple:
     """:class:`ChunkScan`'s computation: the state chunk by chunk, and the reads of every :data:`SCAN_BLOCK` chunks
     at once (folded into the batch) once the state has passed them.
@@ -703,17 +704,21 @@ def _scan_forward(
     start (per layer (chunks, batch, heads, d_in, d_out); only the last, (1, ...), unless ``all_starts``) and, for the
     backward, the states entering every chunk and
     the last (per layer (chunks + 1, ...)), the safeguard's factors (per layer (chunks, ...) or ``None``), the
-    queries' pre-activations and the last layer's errors (chunk-major)."""
+    queries' pre-activations and the last layer's errors (chunk-major). Without ``for_backward`` the states are
+    kept for one block at a time only (the returned ones are then the last block's)."""
     chunks, depth = queries.shape[0], len(running)
     # The states entering every chunk and after the last, written in place into one tensor per layer: the block's
-    # reads take a view of it, and the backward keeps it (no list to stack, no second copy).
-    states = [r.new_empty(chunks + 1, *r.shape) for r in running]
-    for at_layer, r in zip(states, running):
-        at_layer[0] = r
+    # reads take a view of it, and the backward keeps it (no list to stack, no second copy). Without a backward,
+    # one block's worth, reused by every block (slot 0: the state entering the block).
+    states = [r.new_empty((chunks if for_backward else SCAN_BLOCK) + 1, *r.shape) for r in running]
     factors, starts = [[] for _ in running], [[] for _ in running]
     reads, query_pre, last_delta = [], [[] for _ in range(depth - 1)], []
     for lo in range(0, chunks, SCAN_BLOCK):
         block = range(lo, min(lo + SCAN_BLOCK, chunks))
+        base = 0 if for_backward else lo  # chunk n's entering state is states[n - base]
+        if lo == base:  # the first block, or any block without a backward: the state entering it into slot 0
+            for at_layer, r in zip(states, running):
+                at_layer[0] = r
         inputs_block, deltas_block, kappas = [[] for _ in running], [[] for _ in running], []
         for n in block:
             inputs, _, _, deltas = memory_errors(boundary, keys[n], targets[n])
@@ -727,7 +732,7 @@ def _scan_forward(
                     at_layer.append(f)
             boundary = [r[:, :, 0] + a for r, a in zip(running, anchors)]
             for layer, x in enumerate(running):
-                states[layer][n + 1] = x
+                states[layer][n + 1 - base] = x
                 if all_starts or n == chunks - 1:
                     starts[layer].append(boundary[layer])
                 inputs_block[layer].append(inputs[layer])
@@ -736,7 +741,7 @@ def _scan_forward(
         size, fold = len(block), slice(block.start, block.stop)
         c = ChunkCoefficients(*(f[fold].flatten(0, 1) for f in coefficients.fields()))
         y, pre = _chunk_reads(
-            [x[fold].flatten(0, 1) for x in states],
+            [x[lo - base : lo - base + size].flatten(0, 1) for x in states],
             [torch.stack(x).flatten(0, 1) for x in inputs_block],
             [torch.stack(x).flatten(0, 1) for x in deltas_block],
             c.divided_by(torch.stack(kappas).flatten(0, 1)),
@@ -1028,7 +1033,7 @@ def chunk_scan(
         reads, *rest = ChunkScan.apply(depth, max_weight_rms, all_starts, *flat)
         return reads, rest[:depth], rest[depth:]
     reads, running, starts, *_ = _scan_forward(
-        max_weight_rms, all_starts, queries, keys, targets, coefficients, running, boundary, anchors
+        max_weight_rms, all_starts, queries, keys, targets, coefficients, running, boundary, anchors, False
     )
     return reads, running, starts
 
