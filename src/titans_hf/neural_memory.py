@@ -841,15 +841,18 @@ class NeuralMemory(nn.Module):
         streams += (slotted.lr, slotted.log_momentum, slotted.log_retention)
         first, whole, rest = zip(*(schedule.split(t) for t in streams))
         anchors = self._anchors(q.dtype)
-        boundaries = None if segment is None else [state.weights]  # the weights at every chunk start, if asked
+        # The weights at every chunk start, if asked: pieces of (boundaries, batch, heads, d_in, d_out) per layer,
+        # joined once (one select per chunk would give the backward a full-size zero gradient per chunk).
+        boundaries = None if segment is None else [[w.unsqueeze(0) for w in state.weights]]
         carry = self._carry(state, anchors)
         reads = self._run_chunks(carry, schedule, [first], 0, anchors, boundaries)
         if schedule.whole:
             reads += self._scan(carry, schedule, whole, anchors, boundaries)
         reads += self._run_chunks(carry, schedule, list(zip(*rest)), 1 + schedule.whole, anchors, boundaries)
-        starts = []  # the weights at every segment start, stacked per layer over the segments
+        starts = []  # the weights at every segment start, per layer (batch, segments, heads, d_in, d_out)
         if segment is not None:
-            starts = [torch.stack(at_layer, dim=1) for at_layer in zip(*boundaries[:: segment // self.chunk_size])]
+            every = segment // self.chunk_size
+            starts = [torch.cat(pieces)[::every].movedim(0, 1) for pieces in zip(*boundaries)]
         reads = schedule.join(reads)
         if self.residual:
             reads = reads + slotted.queries
@@ -889,7 +892,7 @@ class NeuralMemory(nn.Module):
         carry.boundary = [s[-1].clone() if boundaries is not None else s[-1] for s in starts]
         if boundaries is not None:  # the weights at the boundaries before the block's last token
             ends_block = schedule.first_run + schedule.whole * schedule.size == schedule.length
-            boundaries.extend([s[n] for s in starts] for n in range(schedule.whole - ends_block))
+            boundaries.append([s[: schedule.whole - ends_block] for s in starts])
         return list(reads.unbind(0))
 
     def _run_chunks(
@@ -934,7 +937,7 @@ class NeuralMemory(nn.Module):
             if _any(closes):
                 self._close_chunk(closes, carry, anchors)
                 if boundaries is not None and closes is True and n * self.chunk_size < schedule.length:
-                    boundaries.append(carry.boundary)
+                    boundaries.append([b.unsqueeze(0) for b in carry.boundary])
         return reads
 
     def _carry(self, state: NeuralMemoryState, anchors: list[torch.Tensor]) -> _ChunkCarry:
