@@ -266,19 +266,21 @@ def test_retrieve_reads_without_writing():
 
 @pytest.mark.parametrize("write", [True, False])
 def test_weights_at_segment_starts_equal_the_states_segment_by_segment(write):
-    """``forward(..., segment=S)`` (MAC's all-segments-at-once path) returns the fast weights at every segment start:
-    those of the state after each segment read alone; retrieve(segment=S) reads each segment with its own."""
+    """``forward(..., segment=S)`` (MAC's all-segments-at-once path) returns the fast weights at every segment start
+    (those of the state after each segment read alone) and every segment read with its own (``retrieve`` segment by
+    segment, its query conv running on), with the queries' conv tail after the block."""
     memory = make_memory(chunk_size=4)
     x = inputs(batch=2, length=19)  # segments of 8 (two chunks): 8, 8 and a partial 3
-    out, state, starts = memory(x, write=write, segment=8)
+    out, state, segments = memory(x, write=write, segment=8)
+    starts = segments.start_weights
     assert [tuple(w.shape) for w in starts] == [(2, 3, *w.shape) for w in memory.initial_weights]
-    running, pieces, reads = None, [], []
+    running, pieces, reads, tail = None, [], [], None
     for begin in range(0, 19, 8):
         weights = memory.initial_state(2, dtype=torch.float64).weights if running is None else running.weights
         for w, start in zip(weights, starts):
             torch.testing.assert_close(start[:, begin // 8], w, atol=1e-12, rtol=0)
-        tail = None if begin == 0 else memory.retrieve(x[:, :begin], weights)[1]  # the query conv runs on
-        reads.append(memory.retrieve(x[:, begin : begin + 8], weights, tail)[0])
+        read, tail = memory.retrieve(x[:, begin : begin + 8], weights, tail)
+        reads.append(read)
         if write:
             piece, running = memory(x[:, begin : begin + 8], running)
             pieces.append(piece)
@@ -287,8 +289,8 @@ def test_weights_at_segment_starts_equal_the_states_segment_by_segment(write):
         assert_state_equal(state, running)
     else:
         torch.testing.assert_close(out, memory(x, write=False)[0], atol=0, rtol=0)
-    at_once, _ = memory.retrieve(x, starts, segment=8)
-    torch.testing.assert_close(at_once, torch.cat(reads, 1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(segments.output, torch.cat(reads, 1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(segments.conv, tail, atol=0, rtol=0)
     with pytest.raises(ValueError, match="segment=6"):
         memory(x, segment=6)  # not whole chunks
     with pytest.raises(ValueError, match="segment=8"):

@@ -687,7 +687,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         normed = frame.to_slots(self.input_layernorm(x))
         cos, sin = (frame.to_slots(t) for t in position_embeddings)
         if self._segments_at_once(frame, memory_state, segment_state, output_attentions):
-            out, memory_state, segment_state = self._all_segments(normed, (cos, sin), frame, memory_state)
+            out, memory_state, segment_state = self._all_segments(normed, (cos, sin), frame)
             return x + frame.from_slots(out), None, memory_state, segment_state if use_cache else None
         outputs, all_weights = [], []
         for r in range(frame.rounds):
@@ -728,8 +728,9 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         output_attentions: bool,
     ) -> bool:
         """Whether every segment of the block can run at once (:meth:`_all_segments`): the memory is written with the
-        segments' input (so its writes do not wait for attention), every row starts a new segment with no earlier
-        segment state, all its tokens real, and segments are whole memory chunks."""
+        segments' input (so its writes do not wait for attention, and its queries are the retrieval's), the block
+        starts a stream (no memory or segment state), all its tokens are real, and segments are whole memory
+        chunks."""
         return (
             self.memory is not None
             and self.memory_layernorm is None
@@ -737,7 +738,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             and segment_state is None
             and not output_attentions
             and self.config.segment_size % self.config.memory_chunk_size == 0
-            and (memory_state is None or memory_state.common_seen is not None)
+            and memory_state is None
         )
 
     def _all_segments(
@@ -745,17 +746,17 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         slots: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         frame: _SegmentFrame,
-        memory_state: NeuralMemoryState | None,
     ) -> tuple[torch.Tensor, NeuralMemoryState, SegmentState]:
-        """:meth:`_segment` for every segment of an aligned block in one pass each: the memory reads and writes the
-        whole block once, returning its weights at every segment start (``NeuralMemory(..., segment=)``); the
-        segments' retrievals read with those weights at once; attention runs over the segments folded into the
-        batch. The same numbers as the segment loop (tested against it: the full forward against cached decoding)."""
+        """:meth:`_segment` for every segment of an aligned block that starts a stream, in one pass each: the memory
+        reads and writes the whole block once and, from the same queries, reads every segment with its weights at the
+        segment's start (its retrieval; ``NeuralMemory(..., segment=)``); attention runs over the segments folded
+        into the batch. The same numbers as the segment loop (tested against it: the full forward against cached
+        decoding)."""
         batch, slots_total, hidden = slots.shape
         segment, rounds, length = self.config.segment_size, frame.rounds, frame.length
         real = slots[:, :length]
-        memory_out, memory_state, start_weights = self.memory(real, memory_state, segment=segment)
-        reads, read_conv = self.memory.retrieve(real, start_weights, None, segment=segment)
+        memory_out, memory_state, retrieval = self.memory(real, None, segment=segment)
+        reads = retrieval.output
 
         def fold(t: torch.Tensor) -> torch.Tensor:  # (batch, rounds * segment, ...) -> (batch * rounds, segment, ...)
             return _pad_slots(t, slots_total).reshape(batch * rounds, segment, *t.shape[2:])
@@ -774,7 +775,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         return (
             y,
             memory_state,
-            replace(last, start_weights=[w[:, -1].clone() for w in start_weights], read_conv=read_conv),
+            replace(last, start_weights=[w[:, -1].clone() for w in retrieval.start_weights], read_conv=retrieval.conv),
         )
 
     def _segment(

@@ -43,7 +43,7 @@ from .memory_ops import (
     step_curvature,
 )
 
-__all__ = ["BatchTensors", "NeuralMemory", "NeuralMemoryState", "TokenPacking", "compaction_order"]
+__all__ = ["BatchTensors", "NeuralMemory", "NeuralMemoryState", "SegmentReads", "TokenPacking", "compaction_order"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -325,6 +325,17 @@ class MemoryInputs(BatchTensors):
     lr: torch.Tensor
     log_momentum: torch.Tensor | None
     log_retention: torch.Tensor
+
+
+@dataclass
+class SegmentReads:
+    """What :meth:`NeuralMemory.forward` with ``segment`` returns beside the output and the state: every segment's
+    tokens read, without writing, with the fast weights at the start of their segment (MAC's ``h = M*_{t-1}(q)``),
+    from the queries of the same pass."""
+
+    output: torch.Tensor  # the reads through the memory's output (norm, gate, projection): shape of hidden_states
+    start_weights: list[torch.Tensor]  # per layer (batch, segments, heads, d_in, d_out)
+    conv: torch.Tensor | None  # the queries' conv tail after the block (batch, conv_kernel - 1, heads * head_dim)
 
 
 @dataclass
@@ -750,7 +761,7 @@ class NeuralMemory(nn.Module):
         write: bool = True,
         *,
         segment: int | None = None,
-    ) -> tuple[torch.Tensor, NeuralMemoryState] | tuple[torch.Tensor, NeuralMemoryState, list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, NeuralMemoryState] | tuple[torch.Tensor, NeuralMemoryState, SegmentReads]:
         """Reads and writes a block of tokens.
 
         Args:
@@ -759,12 +770,13 @@ class NeuralMemory(nn.Module):
             mask: (batch, seq) of 0/1 or bool; a 0 token writes nothing, moves no chunk boundary and gets a zero output.
             write: ``False`` is the "memory never written" ablation: every token reads the state's current
                 weights and the state is returned unchanged.
-            segment: also return the fast weights at the start of every ``segment`` tokens, per memory layer
-                (batch, segments, heads, d_in, d_out): MAC's read-only retrieval weights for all its segments from
-                one pass. Needs real tokens only, segments of whole chunks, and a stream on a segment boundary.
+            segment: also read every ``segment`` tokens, without writing, with the fast weights at their segment's
+                start (:class:`SegmentReads`): MAC's retrieval for all its segments from one pass. Needs real tokens
+                only, segments of whole chunks, and a stream on a segment boundary.
 
         Returns:
-            ``(output, new_state)`` (and the weights, with ``segment``); ``output`` has the shape of ``hidden_states``.
+            ``(output, new_state)`` (and the :class:`SegmentReads`, with ``segment``); ``output`` has the shape of
+            ``hidden_states``.
         """
         if segment is not None and (
             mask is not None
@@ -776,8 +788,8 @@ class NeuralMemory(nn.Module):
                 f"segment={segment}: the weights at segment starts need real tokens only (no mask), segments of whole "
                 f"chunks (chunk_size={self.chunk_size}) and a stream on a segment boundary known on the host."
             )
-        output, new_state, starts = self._forward(hidden_states, state, mask, write, segment)
-        return (output, new_state) if segment is None else (output, new_state, starts)
+        output, new_state, segment_reads = self._forward(hidden_states, state, mask, write, segment)
+        return (output, new_state) if segment is None else (output, new_state, segment_reads)
 
     def _forward(
         self,
@@ -786,7 +798,7 @@ class NeuralMemory(nn.Module):
         mask: torch.Tensor | None,
         write: bool,
         segment: int | None = None,
-    ) -> tuple[torch.Tensor, NeuralMemoryState, list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, NeuralMemoryState, SegmentReads | None]:
         batch, length = self._check_inputs(hidden_states, mask)
         dtype = self.compute_dtype(hidden_states)
         if state is None:
@@ -819,7 +831,13 @@ class NeuralMemory(nn.Module):
                 tokens = MemoryInputs(q, k, v, lr, log_momentum, log_retention)
                 reads, new_state, starts = self._read_write(state, tokens, counts, segment)
                 new_state.conv = conv_tail
-        return packing.unpack(self.output(reads, x)), new_state, starts
+            retrieved = None if segment is None else self._read_segments(starts, q, segment)
+        output = packing.unpack(self.output(reads, x))
+        if segment is None:
+            return output, new_state, None
+        # (no padding with `segment`: the packing is the identity)
+        query_tail = None if conv_tail is None else conv_tail[..., : self.num_heads * self.head_dim].contiguous()
+        return output, new_state, SegmentReads(self.output(retrieved, x), starts, query_tail)
 
     def _read_write(
         self, state: NeuralMemoryState, tokens: MemoryInputs, counts: torch.Tensor | None, segment: int | None = None
@@ -1070,15 +1088,12 @@ class NeuralMemory(nn.Module):
         weights: list[torch.Tensor],
         conv_tail: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        segment: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Read-only retrieval ``M_W(q)`` with fixed ``weights`` (no write), e.g. MAC's ``h = M*_{t-1}(q)``.
 
         The queries go through the same projection, causal conv + SiLU and l2-norm as in :meth:`forward`, with their
         own conv tail ``conv_tail`` (batch, conv_kernel - 1, heads * head_dim; ``None``: the start of a stream).
-        With ``segment``, every ``segment`` tokens read with their own weights: ``weights[l]`` is (batch, segments,
-        heads, d_in, d_out) (:meth:`forward` with ``segment``). Returns the memory output (shape of ``hidden_states``, zeros at
-        masked tokens) and the new conv tail.
+        Returns the memory output (shape of ``hidden_states``, zeros at masked tokens) and the new conv tail.
         """
         batch, length = self._check_inputs(hidden_states, mask)
         dtype = self.compute_dtype(hidden_states)
@@ -1095,14 +1110,16 @@ class NeuralMemory(nn.Module):
         queries = queries.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2).to(dtype)
         queries = F.normalize(queries, dim=-1)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            if segment is None:
-                reads = memory_mlp([w.to(dtype) for w in weights], queries, self.residual)
-            else:  # (batch, heads, segments, segment, d) queries against (batch, heads, segments, d_in, d_out) weights
-                segments = weights[0].shape[1]
-                by_segment = _pad_time(queries, segments * segment).unflatten(2, (segments, segment))
-                weights = [w.to(dtype).transpose(1, 2) for w in weights]
-                reads = memory_mlp(weights, by_segment, self.residual).flatten(2, 3)[:, :, :length]
+            reads = memory_mlp([w.to(dtype) for w in weights], queries, self.residual)
         return packing.unpack(self.output(reads, x)), new_tail
+
+    def _read_segments(self, weights: list[torch.Tensor], queries: torch.Tensor, segment: int) -> torch.Tensor:
+        """``M_W(q)`` of every ``segment`` queries (batch, heads, length, d) with their segment's weights ``weights[l]``
+        (batch, segments, heads, d_in, d_out), without writing."""
+        length, segments = queries.shape[2], weights[0].shape[1]
+        by_segment = _pad_time(queries, segments * segment).unflatten(2, (segments, segment))
+        weights = [w.transpose(1, 2) for w in weights]  # (batch, heads, segments, d_in, d_out)
+        return memory_mlp(weights, by_segment, self.residual).flatten(2, 3)[:, :, :length]
 
     # ---------------------------------------------------------------------------------------------------- checks
 
