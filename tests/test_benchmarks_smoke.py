@@ -98,3 +98,11 @@ def test_profile_step_runs(tmp_path):
     saved = json.loads((tmp_path / "profile_mag_128.json").read_text())
     assert len(saved["top_ops"]) == 5 and 0 < saved["top_ops"][0]["share"] <= 1
     assert "self ms/step" in stdout
+
+
+def test_flops_quick(tmp_path):
+    stdout = run_benchmark("flops.py", "--quick", "--variants", "mag", "--out", str(tmp_path))
+    assert "GFLOP/s needed" in stdout and "1.0x Llama" in stdout
+    report = json.loads((tmp_path / "flops.json").read_text())
+    assert {r["name"] for r in report["rows"]} >= {"mag", "llama", "titans-hf"}
+    assert all(r["gflop"] > 0 and r["seconds"] > 0 for r in report["rows"])
