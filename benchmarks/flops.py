@@ -153,7 +153,8 @@ def main() -> None:
     memories = {}
     for impl in ["titans-hf", "titans-pytorch"] if titans_pytorch_available() else ["titans-hf"]:
         tokens = MEMORY_CONFIG["batch"] * args.memory_length
-        memories[impl] = record("memory", impl, tokens, *measure(memory_step(impl, args.memory_length), args.repeats))
+        name = f"{impl} memory"
+        memories[impl] = record("memory", name, tokens, *measure(memory_step(impl, args.memory_length), args.repeats))
 
     # The rate each target needs: the same arithmetic in the time the target allows.
     targets = {
@@ -162,7 +163,7 @@ def main() -> None:
     }
     targets.update({v: ("1.0x Llama", models[LLAMA]["seconds"]) for v in ("mal", "lmm")})
     if "titans-pytorch" in memories:
-        targets["titans-hf"] = ("1.5x titans-pytorch", memories["titans-pytorch"]["seconds"] / 1.5)
+        targets["titans-hf memory"] = ("1.5x titans-pytorch", memories["titans-pytorch"]["seconds"] / 1.5)
     for row in results["rows"]:
         label, allowed = targets.get(row["name"], ("", None))
         row["target"], row["needed_rate"] = label, None if allowed is None else row["gflop"] / allowed
