@@ -214,11 +214,22 @@ def test_streaming_memory_does_not_grow(variant):
     assert torch.isfinite(logits).all()
 
 
+def assert_cache_holds_what_it_shows(cache: TitansCache) -> None:
+    storages, shown = {}, 0
+    for layer in cache.layers:
+        for state in (layer.memory, layer.attention):
+            for _, t in [] if state is None else state.named_tensors():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                shown += t.numel() * t.element_size()
+    assert sum(storages.values()) <= shown
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cache_tensors_hold_no_more_memory_than_they_show(variant):
     """The cache keeps alive only what it shows (``cache.nbytes``): no cache tensor is a view into a larger block-sized tensor
-    (the convolved block, the block's keys, every segment's start weights), after a long prompt, a padded call and a
-    decoding step."""
+    (the convolved block, the block's keys, every segment's start weights, the memory's slot stack), after a long
+    prompt, a padded call and a decoding step; and token by token across a segment start with one memory head and
+    one row (where a slot of the stack is a contiguous view)."""
     model = tiny_model(variant, dtype=torch.float32)
     x = ids(batch=2, length=48)
     mask = torch.ones_like(x)
@@ -227,13 +238,14 @@ def test_cache_tensors_hold_no_more_memory_than_they_show(variant):
     with torch.no_grad():
         for block, block_mask in ((x[:, :40], None), (x[:, 40:47], mask[:, 40:47]), (x[:, 47:], None)):
             model(block, attention_mask=block_mask, cache=cache)
-            storages, shown = {}, 0
-            for layer in cache.layers:
-                for state in (layer.memory, layer.attention):
-                    for _, t in [] if state is None else state.named_tensors():
-                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                        shown += t.numel() * t.element_size()
-            assert sum(storages.values()) <= shown
+            assert_cache_holds_what_it_shows(cache)
+    model = tiny_model(variant, dtype=torch.float32, memory_num_heads=1, memory_head_dim=8)
+    cache = TitansCache(model.config)
+    with torch.no_grad():
+        model(x[:1, :38], cache=cache)
+        for i in range(38, 42):  # a segment (and chunk) starts at 40
+            model(x[:1, i : i + 1], cache=cache)
+            assert_cache_holds_what_it_shows(cache)
 
 
 def read_19_tokens(variant: str) -> tuple[TitansForCausalLM, torch.Tensor, TitansCache]:

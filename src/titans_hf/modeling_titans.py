@@ -801,13 +801,14 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         # (Sliced at each use: the backward then adds the three gradients of the segment in one fixed order.)
         segment = slots[:, part].shape[1]
         reads = start_weights = None
+        fresh = []  # the start weights as views of the memory state's slots (a segment start)
         read_conv = None if segment_state is None else segment_state.read_conv
         if self.memory is not None:
             if memory_state is None:
                 memory_state = self.memory.initial_state(
                     slots.shape[0], slots.device, self.memory.compute_dtype(slots)
                 )
-            start_weights = memory_state.weights
+            start_weights = fresh = memory_state.weights
             cached_weights = None if segment_state is None else segment_state.start_weights
             if continuing is not None and cached_weights is not None:
                 start_weights = [_where_batch(continuing, s, w) for s, w in zip(cached_weights, start_weights)]
@@ -820,8 +821,10 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         y, weights, key_values = attend(slots[:, part], reads=reads)
         if segment_state is not None:
             key_values = _merge_key_values(key_values, segment_state, lambda t, old: _where_batch(active, t, old))
-        # (`contiguous`: at a segment start the weights are views of the memory state's slots, not to be kept alive)
-        start_weights = None if start_weights is None else [w.contiguous() for w in start_weights]
+        # Copied where they are views of the memory state's slots, which the cache must not keep alive (`contiguous`
+        # would not do: with one head and one row a slot is a contiguous view); cached or selected ones are owned.
+        if start_weights is not None:
+            start_weights = [w.clone() if any(w is f for f in fresh) else w for w in start_weights]
         segment_state = replace(key_values, start_weights=start_weights, read_conv=read_conv)
         if self.memory is not None:
             written = slots[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)
