@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -126,25 +127,38 @@ def outputs(src: Path, path: Path) -> None:
     torch.save(out, path)
 
 
-def same_outputs(base: Path, head: Path, head_src: Path) -> list[str]:
+#: Cache snapshot entries renamed since earlier revisions (old -> new), so that both sides compare under one name.
+RENAMED = {".memory.slots.": ".memory.matrices."}
+
+
+def same_outputs(base: Path, head: Path) -> list[str]:
     """The keys whose tensors differ (cache entries compared under their current names)."""
     import torch
 
-    sys.path.insert(0, str(head_src))
-    from titans_hf.cache_titans import _legacy_name
-
     def current(key: str) -> str:
-        prefix, _, name = key.rpartition("/cache/")
-        if not prefix or not name.startswith("layers.") or ".memory." in name:
-            return key
-        _, layer, rest = name.split(".", 2)
-        return f"{prefix}/cache/layers.{layer}.{_legacy_name(rest)}"
+        for old, new in RENAMED.items():
+            key = key.replace(old, new)
+        return key
 
     a = {current(k): v for k, v in torch.load(base).items()}
     b = {current(k): v for k, v in torch.load(head).items()}
     differ = sorted(set(a) ^ set(b))
     differ += [k for k in a.keys() & b.keys() if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
     print(f"{len(a)} tensors compared: {'all equal, bit for bit' if not differ else f'{len(differ)} differ'}")
+    worst: dict[str, tuple[float, str]] = {}  # per dtype: the largest relative difference and where
+    for key in sorted(k for k in a.keys() & b.keys() if a[k].shape == b[k].shape and not torch.equal(a[k], b[k])):
+        if not a[key].is_floating_point():
+            worst.setdefault("integer", (math.inf, key))
+            continue
+        relative = ((a[key] - b[key]).abs().max() / a[key].abs().max().clamp(min=1e-30)).item()
+        dtype = str(a[key].dtype).removeprefix("torch.")
+        if relative > worst.get(dtype, (-1.0, ""))[0]:
+            worst[dtype] = (relative, key)
+    for dtype, (relative, key) in worst.items():
+        print(f"  {dtype}: largest relative difference {relative:.3g} ({key})")
+    kinds = sorted({key.split("/")[1] for key in differ if key.count("/") >= 1})
+    if differ:
+        print(f"  the differing tensors are of: {', '.join(kinds)}")
     return differ
 
 
@@ -185,7 +199,7 @@ def main() -> None:
                 for side in ("base", "head"):
                     command = [sys.executable, __file__, "--base", args.base, "--worker", str(trees[side] / "src")]
                     subprocess.run([*command, "--save_outputs", str(Path(tmp) / f"{side}.pt")], check=True, env=env)
-                differ = same_outputs(Path(tmp) / "base.pt", Path(tmp) / "head.pt", trees["head"] / "src")
+                differ = same_outputs(Path(tmp) / "base.pt", Path(tmp) / "head.pt")
                 if differ:
                     raise SystemExit("differ: " + ", ".join(differ[:20]))
                 return

@@ -279,45 +279,6 @@ def test_snapshot_round_trip_gives_identical_continuations(variant, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["mac", "mag"])
-def test_snapshot_with_the_names_of_older_versions_loads(variant, tmp_path):
-    """Snapshots written before the attention state was typed used other names ("keys", "x_keys", "snapshot.0"), and
-    before the memory's slots were stacked, separate ``weights.i``, ``momentum.i`` and ``chunk_update.i``; they
-    had no keys of the persistent tokens."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    model, x, cache = read_19_tokens(variant)
-    cache.save(tmp_path / "new.safetensors")
-    old_names = {"window.": "", "segment.keys": "x_keys", "segment.values": "x_values", "segment.read_keys": "h_keys"}
-    old_names |= {
-        "segment.read_values": "h_values",
-        "segment.read_conv": "read_conv",
-        "segment.start_weights.": "snapshot.",
-    }
-    renamed = {}
-    for name, t in load_file(tmp_path / "new.safetensors").items():
-        if ".persistent_" in name:  # the persistent tokens' keys: not in older snapshots, projected again
-            continue
-        for new, old in old_names.items():
-            if f".{new}" in name:
-                name = name.replace(new, old)
-        if ".memory.slots." in name:  # [W; S; A; B] -> weights, momentum, chunk_update
-            renamed[name.replace(".slots.", ".weights.")] = t[:, :, 0].contiguous()
-            renamed[name.replace(".slots.", ".momentum.")] = t[:, :, 1].contiguous()
-            renamed[name.replace(".slots.", ".chunk_update.")] = t[:, :, 2:].contiguous()
-            continue
-        renamed[name] = t
-    assert any(".snapshot.0" in n or n.endswith(".keys") and "memory" not in n for n in renamed)
-    assert any(".memory.momentum.0" in n for n in renamed) and not any(".slots." in n for n in renamed)
-    with safe_open(tmp_path / "new.safetensors", framework="pt") as f:
-        save_file(renamed, tmp_path / "old.safetensors", metadata=f.metadata())
-    restored = TitansCache.load(tmp_path / "old.safetensors", model.config)
-    assert restored.state_dict().keys() == {n for n in cache.state_dict() if ".persistent_" not in n}
-    with torch.no_grad():
-        assert torch.equal(model(x[:, 19:], cache=cache).logits, model(x[:, 19:], cache=restored).logits)
-
-
-@pytest.mark.parametrize("variant", ["mac", "mag"])
 def test_persistent_keys_are_projected_once_per_stream_unless_gradients_are_recorded(variant):
     """Decoding takes the persistent tokens' keys and values from the cache (one key projection per layer and step:
     the token's); a call that records gradients projects them again, so that its loss reaches them."""
@@ -377,10 +338,15 @@ def test_cache_errors(tmp_path):
     from safetensors.torch import load_file, save_file
 
     foreign = load_file(tmp_path / "mac.safetensors") | {"layers.0.lora.A": torch.zeros(1)}
-    metadata = {"signature": json.dumps(cache.signature), "positions_read": "6"}
+    metadata = {"signature": json.dumps(cache.signature), "positions_read": "6", "memory_matrices": '["W", "S"]'}
     save_file(foreign, tmp_path / "foreign.safetensors", metadata=metadata)
     with pytest.raises(ValueError, match="Unknown entry 'lora.A'"):
         TitansCache.load(tmp_path / "foreign.safetensors", model.config)
+    # A snapshot of titans-hf 0.1.0 (before memory rules: no memory_rule in its signature) is refused by name.
+    older = {"signature": json.dumps({k: v for k, v in cache.signature.items() if k != "memory_rule"})}
+    save_file(load_file(tmp_path / "mac.safetensors"), tmp_path / "older.safetensors", metadata=older)
+    with pytest.raises(ValueError, match="'memory_rule': \\(None, 'titans-hf'\\)"):
+        TitansCache.load(tmp_path / "older.safetensors", model.config)
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\)"):
         model(x[:, :2], attention_mask=torch.ones(2, 3, dtype=torch.long), cache=cache)
     # The mask may cover the new tokens only, or the cached ones too.

@@ -13,16 +13,15 @@ from reference_memory import reference_forward
 from torch.func import functional_call
 
 from titans_hf import memory_ops
-from titans_hf.memory_ops import (
-    CausalConvSiLU,
-    ChunkCoefficients,
-    ChunkFunction,
-    ChunkScan,
-    chunk_forward,
-    chunk_scan,
-    safeguard_factor,
-)
+from titans_hf.memory_ops import CausalConvSiLU, ChunkFunction, ChunkScan, chunk_forward, chunk_scan
+from titans_hf.memory_rule import ChunkCoefficients, safeguard_factor
 from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
+from titans_hf.rule_titans_hf import TitansHFRule
+
+
+def default_rule(max_lr: float, momentum: bool = True, max_weight_rms: float | None = None) -> TitansHFRule:
+    """The default rule, alone (as the memory builds it), for the tests of the closed form's pieces."""
+    return TitansHFRule(4, 2, max_lr=max_lr, momentum=momentum, max_weight_rms=max_weight_rms)
 
 
 def fields_of(obj) -> list:
@@ -68,7 +67,7 @@ def assert_state_equal(a: NeuralMemoryState, b: NeuralMemoryState, atol: float =
 def test_matches_per_token_autograd_reference(depth, chunk_size, momentum, forget):
     memory = make_memory(depth=depth, chunk_size=chunk_size, momentum=momentum, forget=forget)
     x = inputs(batch=2, length=23)  # 23 is a multiple of none of the chunk sizes but 1
-    out, state = memory(x)
+    out, state, _ = memory(x)
     assert state.seen.tolist() == [23, 23]
     for b in range(2):
         expected = reference_forward(memory, x[b])
@@ -97,13 +96,13 @@ def test_chunk_size_one_is_online_gradient_descent_and_chunks_change_the_functio
 def test_any_split_gives_the_same_outputs_and_state(chunk_size, momentum):
     memory = make_memory(chunk_size=chunk_size, momentum=momentum)
     x = inputs(batch=2, length=37)
-    whole, whole_state = memory(x)
+    whole, whole_state, _ = memory(x)
     generator = torch.Generator().manual_seed(chunk_size)
     for _ in range(3):
         cuts = sorted(torch.randperm(36, generator=generator)[:8].add(1).tolist())
         pieces, state, start = [], None, 0
         for end in cuts + [37]:
-            out, state = memory(x[:, start:end], state)
+            out, state, _ = memory(x[:, start:end], state)
             pieces.append(out)
             start = end
         torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-12, rtol=0)
@@ -126,12 +125,12 @@ def test_single_token_steps_equal_one_call(kwargs):
     boundaries (chunk 5) and, in the last case, with the weight safeguard acting at boundaries."""
     memory = make_memory(chunk_size=5, **kwargs)
     x = inputs(batch=2, length=13) if "max_weight_rms" not in kwargs else correlated_inputs(13, 12).repeat(2, 1, 1)
-    whole, whole_state = memory(x)
+    whole, whole_state, _ = memory(x)
     if "max_weight_rms" in kwargs:
         assert abs(boundary_rms(whole_state, memory) - kwargs["max_weight_rms"]) < 1e-12  # the bound acted
     state, pieces = None, []
     for t in range(13):
-        out, state = memory(x[:, t : t + 1], state)
+        out, state, _ = memory(x[:, t : t + 1], state)
         pieces.append(out)
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-12, rtol=0)
     assert_state_equal(state, whole_state)
@@ -143,39 +142,39 @@ def test_single_token_steps_from_different_chunk_phases():
     x = inputs(batch=2, length=12)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[0, :3] = 0  # sequence 0 has 3 fewer tokens in the prefix
-    out, state = memory(x[:, :6], mask=mask[:, :6])
+    out, state, _ = memory(x[:, :6], mask=mask[:, :6])
     steps = [out]
     for t in range(6, 12):
-        out, state = memory(x[:, t : t + 1], state)
+        out, state, _ = memory(x[:, t : t + 1], state)
         steps.append(out)
     batched = torch.cat(steps, dim=1)
     for b, start in ((0, 3), (1, 0)):
-        alone, alone_state = memory(x[b : b + 1, start:])
+        alone, alone_state, _ = memory(x[b : b + 1, start:])
         torch.testing.assert_close(batched[b : b + 1, start:], alone, atol=1e-12, rtol=0)
         assert_state_equal(state[b : b + 1], alone_state)
 
 
 def test_state_size_does_not_grow():
     memory = make_memory(chunk_size=4)
-    _, short = memory(inputs(batch=2, length=5))
-    _, long = memory(inputs(batch=2, length=50))
+    _, short, _ = memory(inputs(batch=2, length=5))
+    _, long, _ = memory(inputs(batch=2, length=50))
     assert short.nbytes == long.nbytes
 
 
 def test_state_can_be_detached_moved_indexed_and_reordered():
     memory = make_memory(chunk_size=4)
     x = inputs(batch=3, length=14)
-    whole, _ = memory(x)
-    _, state = memory(x[:, :6])
+    whole, _, _ = memory(x)
+    _, state, _ = memory(x[:, :6])
     assert all(not t.requires_grad for t in state.detach().tensors().values())
     assert state.to("cpu").nbytes == state.nbytes
     assert state.to(dtype=torch.float32).seen.dtype == torch.long
     order = torch.tensor([2, 0, 1])
-    out, _ = memory(x[order, 6:], state.index_select(order))
+    out, _, _ = memory(x[order, 6:], state.index_select(order))
     torch.testing.assert_close(out, whole[order, 6:], atol=1e-12, rtol=0)
-    out, _ = memory(x[1:2, 6:], state[1])
+    out, _, _ = memory(x[1:2, 6:], state[1])
     torch.testing.assert_close(out, whole[1:2, 6:], atol=1e-12, rtol=0)
-    out, _ = memory(x[:, 6:].repeat_interleave(2, dim=0), state.repeat_interleave(2))
+    out, _, _ = memory(x[:, 6:].repeat_interleave(2, dim=0), state.repeat_interleave(2))
     torch.testing.assert_close(out, whole[:, 6:].repeat_interleave(2, dim=0), atol=1e-12, rtol=0)
 
 
@@ -191,18 +190,18 @@ def test_left_padding_equals_each_sample_alone():
     for b, n in enumerate(lengths):
         mask[b, width - n :] = 1
     x = x + 5.0 * (1 - mask).unsqueeze(-1)  # pad embeddings are non-zero
-    out, state = memory(x, mask=mask)
+    out, state, _ = memory(x, mask=mask)
     assert state.seen.tolist() == lengths
     for b, n in enumerate(lengths):
-        alone, alone_state = memory(x[b : b + 1, width - n :])
+        alone, alone_state, _ = memory(x[b : b + 1, width - n :])
         torch.testing.assert_close(out[b : b + 1, width - n :], alone, atol=1e-12, rtol=0)
         assert_state_equal(state[b], alone_state)
         assert out[b, : width - n].abs().max() == 0 if n < width else True
     # Continuing the padded batch continues every sample exactly.
     more = inputs(batch=3, length=5, seed=3)
-    out2, _ = memory(more, state)
+    out2, _, _ = memory(more, state)
     for b, n in enumerate(lengths):
-        _, alone_state = memory(x[b : b + 1, width - n :])
+        _, alone_state, _ = memory(x[b : b + 1, width - n :])
         torch.testing.assert_close(out2[b : b + 1], memory(more[b : b + 1], alone_state)[0], atol=1e-12, rtol=0)
 
 
@@ -211,10 +210,10 @@ def test_masked_tokens_anywhere_write_nothing():
     x = inputs(batch=2, length=12)
     mask = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
     x = x.masked_fill(~mask.bool().unsqueeze(-1), 1e6)  # huge pads: any leak would show
-    out, state = memory(x, mask=mask)
+    out, state, _ = memory(x, mask=mask)
     assert torch.isfinite(out).all()
     real = mask[0].bool()
-    alone, alone_state = memory(x[:1, real])
+    alone, alone_state, _ = memory(x[:1, real])
     torch.testing.assert_close(out[0, real], alone[0], atol=1e-12, rtol=0)
     assert_state_equal(state[0], alone_state)
     # The all-padding row is untouched: its state is the initial one and its outputs are zeros.
@@ -228,11 +227,11 @@ def test_masked_tokens_anywhere_write_nothing():
 def test_causality_is_bit_exact():
     memory = make_memory(chunk_size=4)
     x = inputs(batch=2, length=19)
-    base, _ = memory(x)
+    base, _, _ = memory(x)
     for t in (0, 3, 4, 10, 18):
         changed = x.clone()
         changed[:, t] += 1.0
-        out, _ = memory(changed)
+        out, _, _ = memory(changed)
         assert torch.equal(out[:, :t], base[:, :t]), t
         assert not torch.equal(out[:, t:], base[:, t:]), t
 
@@ -240,8 +239,8 @@ def test_causality_is_bit_exact():
 def test_the_memory_matters():
     memory = make_memory(chunk_size=4, stir=False)  # at initialisation
     x = inputs(batch=2, length=24)
-    with_writes, _ = memory(x)
-    without_writes, state = memory(x, write=False)
+    with_writes, _, _ = memory(x)
+    without_writes, state, _ = memory(x, write=False)
     assert (with_writes - without_writes)[:, 1:].abs().max() > 1e-4
     assert_state_equal(state, memory.initial_state(2, dtype=torch.float64))
 
@@ -249,7 +248,7 @@ def test_the_memory_matters():
 def test_retrieve_reads_without_writing():
     memory = make_memory(chunk_size=4)
     x = inputs(batch=2, length=9)
-    without_writes, _ = memory(x, write=False)
+    without_writes, _, _ = memory(x, write=False)
     weights = [w.unsqueeze(0).expand(2, *w.shape) for w in memory.initial_weights]
     out, tail = memory.retrieve(x, weights)
     torch.testing.assert_close(out, without_writes, atol=1e-12, rtol=0)
@@ -282,7 +281,7 @@ def test_weights_at_segment_starts_equal_the_states_segment_by_segment(write):
         read, tail = memory.retrieve(x[:, begin : begin + 8], weights, tail)
         reads.append(read)
         if write:
-            piece, running = memory(x[:, begin : begin + 8], running)
+            piece, running, _ = memory(x[:, begin : begin + 8], running)
             pieces.append(piece)
     if write:
         torch.testing.assert_close(out, torch.cat(pieces, 1), atol=1e-12, rtol=0)
@@ -332,11 +331,11 @@ def test_initialisation_retains():
 def test_half_precision_keeps_float32_state():
     memory = make_memory(chunk_size=4).to(torch.bfloat16)
     x = inputs(batch=2, length=10).to(torch.bfloat16)
-    out, state = memory(x)
+    out, state, _ = memory(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert all(w.dtype == torch.float32 for w in state.weights + state.momentum + state.chunk_weights)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, state = make_memory(chunk_size=4).float()(x.float())
+        _, state, _ = make_memory(chunk_size=4).float()(x.float())
     assert all(w.dtype == torch.float32 for w in state.weights + state.momentum)
 
 
@@ -380,7 +379,7 @@ def test_bad_inputs_are_named():
         memory(x, mask=torch.full((2, 5), 2))
     with pytest.raises(TypeError, match="floating-point"):
         memory(torch.ones(2, 5, 12, dtype=torch.long))
-    _, state = memory(x)
+    _, state, _ = memory(x)
     with pytest.raises(ValueError, match="another configuration or batch"):
         make_memory(depth=3)(x, state)
     with pytest.raises(ValueError, match="another configuration or batch"):
@@ -404,10 +403,11 @@ def test_whole_chunks_coefficients_at_once_equal_each_chunk_with_its_curvature(m
     log_momentum = -torch.rand(chunks, batch, heads, size, dtype=torch.float64) if momentum else None
     log_retention = -torch.rand(chunks, batch, heads, size, dtype=torch.float64)
     kappa = 1.0 + 3.0 * torch.rand(chunks, batch, heads, size, dtype=torch.float64)
-    at_once = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, max_lr)
+    rule = default_rule(max_lr, momentum)
+    at_once = rule.coefficients(lr, log_momentum, log_retention, None)
     for n in range(chunks):
         pieces = (lr[n], None if log_momentum is None else log_momentum[n], log_retention[n])
-        own = ChunkCoefficients.from_gates(*pieces, max_lr)
+        own = rule.coefficients(*pieces, None)
         got = ChunkCoefficients(*(f[n] for f in fields_of(at_once)))
         for g, e in zip(fields_of(got), fields_of(own)):
             torch.testing.assert_close(g, e, atol=1e-14, rtol=1e-13)
@@ -454,8 +454,9 @@ def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing
     log_momentum = -torch.rand(batch, heads, chunk, dtype=torch.float64) if momentum else None
     last = torch.tensor([[chunk - 1, 2], [1, chunk - 1]])  # runs carried from inside the chunk, too
     lr_before = torch.rand(batch, heads, dtype=torch.float64) if continuing else None
-    coefficients = ChunkCoefficients.from_gates(
-        lr, log_momentum, -torch.rand(batch, heads, chunk, dtype=torch.float64), 0.4, last, lr_before
+    rule = default_rule(0.4, momentum)
+    coefficients = rule.coefficients(
+        lr, log_momentum, -torch.rand(batch, heads, chunk, dtype=torch.float64), None, last, lr_before
     )
     inputs = [
         x.requires_grad_(True) for x in (q, k, t, *fields_of(coefficients), *gradient_weights, *states, *anchors)
@@ -464,16 +465,18 @@ def test_hand_written_chunk_backward_equals_autograd(depth, momentum, continuing
     def slow_path():
         weights = inputs[7 : 7 + depth]
         reads, new_states, _ = chunk_forward(
+            rule,
             inputs[7 + depth : 7 + 2 * depth],
             weights,
             *inputs[:3],
+            None,
             ChunkCoefficients(*inputs[3:7]),
             inputs[7 + 2 * depth :],
         )
         return (reads, *new_states)
 
     def fast_path():
-        return ChunkFunction.apply(depth, *inputs)
+        return ChunkFunction.apply(rule, depth, *inputs[:3], None, *inputs[3:])
 
     fast = fast_path()
     slow = slow_path()
@@ -517,7 +520,8 @@ def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap
     lr = torch.rand(chunks, batch, heads, size, dtype=torch.float64)
     log_momentum = -torch.rand(chunks, batch, heads, size, dtype=torch.float64) if momentum else None
     log_retention = -0.1 * torch.rand(chunks, batch, heads, size, dtype=torch.float64)
-    coefficients = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, 0.4)
+    rule = default_rule(0.4, momentum, max_weight_rms=cap)
+    coefficients = rule.coefficients(lr, log_momentum, log_retention, None)
     inputs = [x.requires_grad_(True) for x in (q, k, t, *fields_of(coefficients), *running, *boundary, *anchors)]
 
     def per_chunk():
@@ -527,7 +531,7 @@ def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap
         reads, starts, acted = [], [], []
         for n in range(chunks):
             flat = (q[n], k[n], t[n], read[n], gain[n], write[n], transition[n], *start, *state, *w0)
-            y, *state = ChunkFunction.apply(depth, *flat)
+            y, *state = ChunkFunction.apply(rule, depth, *flat[:3], None, *flat[3:])
             if cap is not None:
                 factors = [safeguard_factor(x, cap) for x in state]
                 acted += [(f < 1).flatten().tolist() for f in factors]
@@ -538,7 +542,7 @@ def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap
         return (torch.stack(reads), *state, *(torch.stack(s) for s in zip(*starts))), acted
 
     def at_once(all_starts=True):
-        return ChunkScan.apply(depth, cap, all_starts, *inputs)
+        return ChunkScan.apply(rule, depth, all_starts, *inputs[:3], None, *inputs[3:])
 
     slow, acted = per_chunk()
     fast = at_once()
@@ -548,7 +552,9 @@ def test_chunk_scan_equals_chunk_function_chunk_after_chunk(depth, momentum, cap
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     with torch.no_grad():  # the path without a backward (one block's states kept at a time)
-        reads, state, starts = chunk_scan(cap, q, k, t, coefficients, running, boundary, anchors, all_starts=True)
+        reads, state, starts = chunk_scan(
+            rule, q, k, t, None, coefficients, running, boundary, anchors, all_starts=True
+        )
     for a, b in zip((reads, *state, *starts), slow):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     upstream = [torch.randn_like(x) for x in fast]
@@ -611,7 +617,7 @@ def boundary_rms(state: NeuralMemoryState, memory: NeuralMemory) -> float:
 def test_weight_safeguard_matches_the_twin_when_it_acts():
     memory = make_memory(chunk_size=4, max_lr=1.0, max_weight_rms=0.2)
     x = correlated_inputs(30, 12)
-    out, state = memory(x)
+    out, state, _ = memory(x)
     assert abs(boundary_rms(state, memory) - 0.2) < 1e-12  # the bound acted (on the last chunk boundary)
     torch.testing.assert_close(out[0], reference_forward(memory, x[0]), atol=1e-10, rtol=0)
 
@@ -626,8 +632,8 @@ def test_weight_safeguard_keeps_a_diverging_memory_finite_and_bounded():
     guarded = NeuralMemory(**kwargs)
     guarded.load_state_dict(free.state_dict())
     with torch.no_grad():
-        _, free_state = free(x)
-        out, state = guarded(x)
+        _, free_state, _ = free(x)
+        out, state, _ = guarded(x)
     free_rms = weight_rms(free_state, free)
     assert not torch.isfinite(free_rms) or free_rms > 2.0  # out of range without it
     assert torch.isfinite(out).all()
@@ -639,9 +645,9 @@ def test_weight_safeguard_does_not_change_the_normal_range():
     memory = NeuralMemory(hidden_size=64, num_heads=2, head_dim=32, chunk_size=16)
     x = torch.randn(2, 512, 64)
     with torch.no_grad():
-        guarded, state = memory(x)
-        memory.max_weight_rms = None
-        free, _ = memory(x)
+        guarded, state, _ = memory(x)
+        memory.rule.max_weight_rms = None
+        free, _, _ = memory(x)
     assert weight_rms(state, memory) < 1.0
     assert torch.equal(guarded, free)
 
@@ -651,7 +657,7 @@ def test_weight_safeguard_has_finite_gradients_at_a_zero_state():
     memory = NeuralMemory(hidden_size=8, num_heads=2, head_dim=4, chunk_size=2)
     states = [torch.zeros(1, 2, 2, 4, 16), 10 * torch.randn(1, 2, 2, 16, 4)]  # under and over the bound
     states = [s.requires_grad_(True) for s in states]
-    sum(s.sum() for s in memory.bound(states)).backward()
+    sum(s.sum() for s in memory.rule.bound(states)[0]).backward()
     assert all(torch.isfinite(s.grad).all() for s in states)
     x = torch.randn(1, 9, 8, requires_grad=True)
     memory(x)[0].sum().backward()

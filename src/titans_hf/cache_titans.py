@@ -45,11 +45,14 @@ _SIGNATURE_FIELDS = (
     "memory_chunk_size",
     "memory_conv_kernel",
     "memory_momentum",
+    "memory_rule",
 )
 
 
 def config_signature(config) -> dict:
-    return {name: getattr(config, name) for name in _SIGNATURE_FIELDS}
+    """The fields of ``config`` that fix the shapes and the meaning of a cache (the memory rule's own settings
+    included)."""
+    return dict({name: getattr(config, name) for name in _SIGNATURE_FIELDS}, **config.memory_rule_settings)
 
 
 @dataclass
@@ -91,17 +94,8 @@ class SegmentState(BatchTensors):
 # Fields of the attention states that hold memory weights: they keep the memory's dtype (float32 under bf16).
 _MEMORY_FIELDS = ("start_weights",)
 
-# Attention states by the name under which a snapshot stores them, and the names older snapshots used.
+# Attention states by the name under which a snapshot stores them.
 _ATTENTION_STATES = {"window": WindowState, "segment": SegmentState}
-_LEGACY_NAMES = {
-    "keys": "window.keys",
-    "values": "window.values",
-    "x_keys": "segment.keys",
-    "x_values": "segment.values",
-    "h_keys": "segment.read_keys",
-    "h_values": "segment.read_values",
-    "read_conv": "segment.read_conv",
-}
 
 
 class TitansCacheLayer(CacheLayerMixin):
@@ -162,9 +156,9 @@ class TitansCacheLayer(CacheLayerMixin):
                 out.update({f"{prefix}{name}.{key}": t for key, t in state.tensors().items()})
         return out
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], chunk_size: int) -> None:
-        """Inverse of :meth:`state_dict` (without its prefix); reads the names of older snapshots too."""
-        tensors = {_legacy_name(name): t for name, t in tensors.items()}
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], chunk_size: int, names: tuple[str, ...]) -> None:
+        """Inverse of :meth:`state_dict` (without its prefix); ``chunk_size`` and ``names`` (the memory state's
+        matrices) are the settings of the memory state."""
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
             group, _, key = name.partition(".")
@@ -172,20 +166,13 @@ class TitansCacheLayer(CacheLayerMixin):
                 raise ValueError(f"Unknown entry {name!r} in a TitansCache snapshot layer: not written by titans-hf.")
             groups.setdefault(group, {})[key] = t
         if "memory" in groups:
-            self.memory = NeuralMemoryState.from_tensors(groups.pop("memory"), chunk_size)
+            self.memory = NeuralMemoryState.from_tensors(groups.pop("memory"), chunk_size, names)
         for group, state in groups.items():
             self.attention = _ATTENTION_STATES[group].from_tensors(state)
 
 
 def _attention_name(state: WindowState | SegmentState | None) -> str:
     return next((name for name, cls in _ATTENTION_STATES.items() if isinstance(state, cls)), "")
-
-
-def _legacy_name(name: str) -> str:
-    """The current name of a layer's snapshot entry (``snapshot.i`` was MAC's segment-start weights)."""
-    if name.startswith("snapshot."):
-        return "segment.start_weights." + name.split(".", 1)[1]
-    return _LEGACY_NAMES.get(name, name)
 
 
 class TitansCache(Cache):
@@ -345,6 +332,9 @@ class TitansCache(Cache):
         """Writes the cache to a safetensors file (tensors plus the configuration signature as metadata)."""
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         metadata = {"signature": json.dumps(self.signature), "positions_read": str(self.positions_read)}
+        names = next((layer.memory.names for layer in self.layers if layer.memory is not None), None)
+        if names is not None:
+            metadata["memory_matrices"] = json.dumps(list(names))
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
@@ -377,10 +367,13 @@ class TitansCache(Cache):
         cache.seen = tensors.pop("seen", None)
         if cache.seen is not None and cache.seen.numel() and bool((cache.seen == cache.seen[0]).all()):
             cache.common_seen = int(cache.seen[0])  # read once, on loading
+        names = tuple(json.loads(metadata.get("memory_matrices", "[]")))
+        if not names and any(".memory." in name for name in tensors):
+            raise ValueError(f"{path} holds a memory state but does not say what its matrices are: not a TitansCache.")
         for i, layer in enumerate(cache.layers):
             prefix = f"layers.{i}."
             mine = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
-            layer.load_state_dict(mine, config.memory_chunk_size)
+            layer.load_state_dict(mine, config.memory_chunk_size, names)
         return cache
 
 

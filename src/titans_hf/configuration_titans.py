@@ -7,6 +7,9 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .memory_rule import check_memory_arguments
+from .rule_registry import MEMORY_RULES, rule_class, rule_settings
+
 VARIANTS = ("mac", "mag", "mal", "lmm")
 
 
@@ -40,10 +43,11 @@ class TitansConfig(PreTrainedConfig):
         MAC: length of the segments attention runs over. A multiple of `memory_chunk_size`.
     sliding_window (`int`, defaults to 512):
         MAG / MAL: attention window (the token itself and the `sliding_window - 1` before it).
-    mac_memory_input (`str`, defaults to `"input"`):
+    mac_memory_input (`str`, *optional*):
         MAC: what writes the memory. `"input"`: the segment's normed input, the stream every other variant writes
-        (default: on our recall benchmark it learns where the paper's choice stays at chance, README "Design
-        choices"); `"attention"`: the attention output `y`, normalised (the paper's eq. 24).
+        (the default of every rule but `"titans"`: on our recall benchmark it learns where the paper's choice stays at
+        chance, README "Design choices"); `"attention"`: the attention output `y`, normalised (the paper's eq. 24,
+        the default of `memory_rule="titans"`).
     num_persistent_tokens (`int`, *optional*):
         Learned, input-independent tokens every attention query can see. Defaults to 4 for the attention variants
         and 0 for `"lmm"` (which has no attention for them to enter).
@@ -58,17 +62,23 @@ class TitansConfig(PreTrainedConfig):
         Tokens per inner mini-batch: every gradient of a chunk is taken at the chunk-start weights (paper §3.2).
         Part of the function, used identically in training and decoding; 1 is exact online gradient descent.
     memory_conv_kernel (`int`, defaults to 4): causal depthwise convolution on q, k, v (0 or 1: none).
-    memory_momentum (`bool`, defaults to `True`): the momentum ("surprise") term (eq. 14).
+    memory_rule (`str`, defaults to `"titans-hf"`):
+        How the memory learns (README, "Memory rules"): `"titans-hf"` (the paper's rule with the changes that make it
+        learn at its defaults), `"titans"` (the paper's eq. 13-14 literally), and the rules of the papers that
+        generalised it. A rule's own settings are config fields of their own (e.g. `moneta_p`); the memory fields
+        below left unset take the rule's defaults.
+    memory_momentum (`bool`, *optional*): the momentum ("surprise") term (eq. 14); default: the rule's.
     memory_forget (`bool`, defaults to `True`): the data-dependent forgetting gate (eq. 13).
-    memory_max_lr (`float`, defaults to 1.0): the inner learning rate's bound and the chunk's budget. Each token's
-        `theta` lies in (0, `memory_max_lr`) (half of it at initialisation), and within a chunk the learning rates
-        of the tokens so far are scaled down to sum to at most `memory_max_lr`, and each token's step is divided by
-        its step curvature (README, "the write rule"). Larger budgets write harder; far above 1 a chunk of similar
-        keys overshoots its targets (the safeguard then bounds the memory).
-    memory_max_weight_rms (`float`, *optional*, defaults to 1.0): safeguard; at every chunk boundary the memory's
-        fast weights' deviation from their learned initial value `W_0`, and its momentum, are scaled down to this
-        root-mean-square value if they exceed it (`None`: off). It does nothing in the normal range and bounds an
-        overshooting inner optimisation (e.g. a `memory_max_lr` far above 1).
+    memory_max_lr (`float`, *optional*): the inner learning rate's bound: each token's `theta` lies in
+        (0, `memory_max_lr`) (half of it at initialisation). With `"titans-hf"` (default 1.0) it is also the chunk's
+        budget: within a chunk the learning rates of the tokens so far are scaled down to sum to at most
+        `memory_max_lr`, and each token's step is divided by its step curvature (README, "the write rule"). Default:
+        the rule's.
+    memory_max_weight_rms (`float`, *optional*): safeguard; at every chunk boundary the memory's carried matrices
+        (with `"titans-hf"`: the fast weights' deviation from their learned initial value `W_0`, and the momentum)
+        are scaled down to this root-mean-square value if they exceed it (`None`: off). It does nothing in the normal
+        range and bounds an overshooting inner optimisation. Default (`"auto"`): the rule's (1.0 for `"titans-hf"`,
+        off for the papers' rules).
 
     ```python
     >>> from titans_hf import TitansConfig, TitansForCausalLM
@@ -102,7 +112,7 @@ class TitansConfig(PreTrainedConfig):
     variant: str = "mac"
     segment_size: int = 512
     sliding_window: int = 512
-    mac_memory_input: str = "input"
+    mac_memory_input: str | None = None
     num_persistent_tokens: int | None = None
     memory_layers: list[int] | None = None
     memory_depth: int = 2
@@ -111,10 +121,11 @@ class TitansConfig(PreTrainedConfig):
     memory_head_dim: int | None = None
     memory_chunk_size: int = 64
     memory_conv_kernel: int = 4
-    memory_momentum: bool = True
+    memory_rule: str = "titans-hf"
+    memory_momentum: bool | None = None
     memory_forget: bool = True
-    memory_max_lr: float | int = 1.0
-    memory_max_weight_rms: float | int | None = 1.0
+    memory_max_lr: float | int | None = None
+    memory_max_weight_rms: float | int | str | None = "auto"
 
     def __post_init__(self, **kwargs):
         legacy_length = kwargs.pop("max_position_embeddings", None)
@@ -136,8 +147,39 @@ class TitansConfig(PreTrainedConfig):
             self.memory_layers = list(range(self.num_hidden_layers))
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        kwargs = self._set_rule_settings(kwargs)
         self.check()
         super().__post_init__(**kwargs)
+
+    def _set_rule_settings(self, kwargs: dict) -> dict:
+        """Takes the memory rule's own settings out of ``kwargs`` (refusing another rule's) and fills what is unset
+        with the rule's defaults. Returns the other keyword arguments."""
+        if isinstance(self.memory_rule, str):
+            self.memory_rule = self.memory_rule.lower()
+        rule = rule_class(self.memory_rule)
+        for name, owner in rule_settings().items():
+            if name in kwargs and owner != rule.name:
+                raise ValueError(
+                    f"{name} is a setting of memory_rule={owner!r}, but memory_rule={rule.name!r} (its settings: "
+                    f"{', '.join(rule.settings) or 'none'})."
+                )
+        for name, setting in rule.settings.items():
+            setattr(self, name, kwargs.pop(name, setting.default))
+        for field, name in (
+            ("memory_momentum", "momentum"),
+            ("memory_max_lr", "max_lr"),
+            ("mac_memory_input", "mac_memory_input"),
+        ):
+            if getattr(self, field) is None:
+                setattr(self, field, rule.defaults[name])
+        if self.memory_max_weight_rms == "auto":
+            self.memory_max_weight_rms = rule.defaults["max_weight_rms"]
+        return kwargs
+
+    @property
+    def memory_rule_settings(self) -> dict:
+        """The memory rule's own settings, by name (e.g. ``{"moneta_p": 3, "moneta_q": 4}``)."""
+        return {name: getattr(self, name) for name in rule_class(self.memory_rule).settings}
 
     def check(self) -> None:
         """Raises ``ValueError`` naming the first invalid field and what is allowed."""
@@ -154,14 +196,26 @@ class TitansConfig(PreTrainedConfig):
             "training_context_length",
             "segment_size",
             "sliding_window",
-            "memory_depth",
-            "memory_expansion",
-            "memory_num_heads",
-            "memory_head_dim",
-            "memory_chunk_size",
         ):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        if self.memory_rule not in MEMORY_RULES:
+            raise ValueError(f"memory_rule must be one of {sorted(MEMORY_RULES)}, got {self.memory_rule!r}.")
+        check_memory_arguments(  # the memory's own checks (NeuralMemory runs the same)
+            prefix="memory_",
+            num_heads=self.memory_num_heads,
+            head_dim=self.memory_head_dim,
+            depth=self.memory_depth,
+            expansion=self.memory_expansion,
+            chunk_size=self.memory_chunk_size,
+            conv_kernel=self.memory_conv_kernel,
+            momentum=self.memory_momentum,
+            forget=self.memory_forget,
+            max_lr=self.memory_max_lr,
+            max_weight_rms=self.memory_max_weight_rms,
+        )
+        rule = rule_class(self.memory_rule)
+        rule.check_settings({name: getattr(self, name) for name in rule.settings if hasattr(self, name)})
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
@@ -191,12 +245,6 @@ class TitansConfig(PreTrainedConfig):
                 "num_persistent_tokens must be 0 for variant='lmm': the memory-only model has no attention for "
                 f"persistent tokens to enter (got {self.num_persistent_tokens})."
             )
-        if not isinstance(self.memory_conv_kernel, int) or self.memory_conv_kernel < 0:
-            raise ValueError(f"memory_conv_kernel must be an integer >= 0, got {self.memory_conv_kernel!r}.")
-        if not (self.memory_max_lr > 0):
-            raise ValueError(f"memory_max_lr must be > 0, got {self.memory_max_lr!r}.")
-        if self.memory_max_weight_rms is not None and not (self.memory_max_weight_rms > 0):
-            raise ValueError(f"memory_max_weight_rms must be None (off) or > 0, got {self.memory_max_weight_rms!r}.")
         if not (0.0 <= self.attention_dropout < 1.0):
             raise ValueError(f"attention_dropout must lie in [0, 1), got {self.attention_dropout!r}.")
         layers = self.memory_layers

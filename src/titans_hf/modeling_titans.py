@@ -544,12 +544,13 @@ def _merge_key_values(
 
 def memory_arguments(config: TitansConfig) -> dict:
     """:class:`~neural_memory.NeuralMemory`'s arguments for a layer of ``config``: every ``memory_*`` field but
-    ``memory_layers``, without its prefix (``memory_chunk_size`` -> ``chunk_size``), and the model's width,
-    initialisation range and norm epsilon."""
+    ``memory_layers``, without its prefix (``memory_chunk_size`` -> ``chunk_size``, ``memory_rule`` -> ``rule``), the
+    rule's own settings, and the model's width, initialisation range and norm epsilon."""
     fields = [name for name in TitansConfig.__annotations__ if name.startswith("memory_") and name != "memory_layers"]
     arguments = {name.removeprefix("memory_"): getattr(config, name) for name in fields}
     return dict(
         arguments,
+        **config.memory_rule_settings,
         hidden_size=config.hidden_size,
         initializer_range=config.initializer_range,
         norm_eps=config.rms_norm_eps,
@@ -620,7 +621,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         self, x, position_embeddings, layout, memory_state, attention_state, use_cache, output_attentions
     ) -> tuple[torch.Tensor, None, NeuralMemoryState, None]:
         """LMM: ``h = x + M(norm(x))``."""
-        memory_out, memory_state = self.memory(self.input_layernorm(x), memory_state, layout.memory_mask)
+        memory_out, memory_state, _ = self.memory(self.input_layernorm(x), memory_state, layout.memory_mask)
         return x + memory_out, None, memory_state, None
 
     def _memory_as_layer(
@@ -629,7 +630,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         """MAL: ``h = x + M(norm(x))``, then ``h + SWA(norm(h))``."""
         h = x
         if self.memory is not None:
-            memory_out, memory_state = self.memory(self.input_layernorm(h), memory_state, layout.memory_mask)
+            memory_out, memory_state, _ = self.memory(self.input_layernorm(h), memory_state, layout.memory_mask)
             h = h + memory_out
         norm = self.attention_layernorm or self.input_layernorm
         attention_out, weights, attention_state = self.attention.forward_window(
@@ -646,7 +647,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             normed, position_embeddings, layout, attention_state, use_cache, output_attentions
         )
         if self.memory is not None:
-            memory_out, memory_state = self.memory(normed, memory_state, layout.memory_mask)
+            memory_out, memory_state, _ = self.memory(normed, memory_state, layout.memory_mask)
             attention_out = self.gate(attention_out, memory_out)
         return x + attention_out, weights, memory_state, attention_state
 
@@ -679,7 +680,15 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 state=segment_state,
             )
             y, _, memory_state, segment_state = self._segment(
-                self.input_layernorm(x), slice(None), attend, memory_state, segment_state, continuing, True, 1, None
+                self.input_layernorm(x),
+                slice(None),
+                attend,
+                memory_state,
+                segment_state,
+                continuing=continuing,
+                active=True,
+                memory_slots=1,
+                memory_mask=None,
             )
             return x + y, None, memory_state, segment_state
 
@@ -708,10 +717,10 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
                 attend,
                 memory_state,
                 segment_state,
-                continuing,
-                incoming.any(dim=1),
-                memory_slots,
-                memory_mask,
+                continuing=continuing,
+                active=incoming.any(dim=1),
+                memory_slots=memory_slots,
+                memory_mask=memory_mask,
             )
             outputs.append(y)
             if output_attentions:
@@ -785,7 +794,8 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         attend: Callable[..., tuple[torch.Tensor, torch.Tensor | None, SegmentState]],
         memory_state: NeuralMemoryState | None,
         segment_state: SegmentState | None,
-        continuing: torch.Tensor | None,
+        *,
+        continuing: torch.Tensor | bool | None,
         active: torch.Tensor | bool,
         memory_slots: int,
         memory_mask: torch.Tensor | None,
@@ -828,7 +838,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         segment_state = replace(key_values, start_weights=start_weights, read_conv=read_conv)
         if self.memory is not None:
             written = slots[:, part] if self.memory_layernorm is None else self.memory_layernorm(y)
-            memory_out, memory_state = self.memory(written[:, :memory_slots], memory_state, memory_mask)
+            memory_out, memory_state, _ = self.memory(written[:, :memory_slots], memory_state, memory_mask)
             y = self.gate(y, _pad_slots(memory_out, segment))
         return y, weights, memory_state, segment_state
 

@@ -1,25 +1,21 @@
 # Copyright 2026 The titans-hf developers. Licensed under the Apache License, Version 2.0.
 """Neural long-term memory of Titans (Behrouz, Zhong, Mirrokni 2024, §3.1), in exact chunked parallel form.
 
-The memory is a small MLP ``M`` per head whose weights are a recurrent state, trained while reading by gradient
-descent with momentum and forgetting on the associative loss ``||M(k) - v||^2`` (paper eq. 12-14), and read with
-the queries, ``y_t = M_{W_t}(q_t)`` (eq. 15). The write rule (``docs/design.md`` §2) is the paper's with four
-changes that make it learn with its default settings:
+The memory is a small MLP ``M`` per head whose weights are a recurrent state, trained while reading by an online
+optimiser on an inner loss of the keys and values (paper eq. 12-14), and read with the queries, ``y_t = M_{W_t}(q_t)``
+(eq. 15). How it learns is its **rule** (``memory_rule.py``: the attentional bias, the recurrence, the maps at chunk
+boundaries; one flat module per rule, ``rule_*.py``): the default ``titans-hf`` is the paper's rule with the changes
+that make it learn at its default settings (``docs/design.md`` §2), ``titans`` the paper's literally, and the family
+that generalised it (MIRAS, ATLAS) beside them.
 
-    g_t = (1 - eta_t) theta_t                               momentum as an average
-    n_t = max(1, (theta over the chunk so far) / max_lr)    the chunk's learning-rate budget
-    S_t = eta_t S_{t-1} - g_t grad_t                        (every step of the current chunk divided by n_t at token t)
-    W_t - W_0 = (1 - alpha_t) (W_{t-1} - W_0) + S_t         forgetting relaxes towards the learned initial weights W_0
+Inside a chunk of ``chunk_size`` tokens every gradient is taken at the chunk-start weights (mini-batch gradient
+descent, paper §3.2). The outputs of a whole chunk then have a closed (dual) form that never materialises per-token
+weights; see :func:`~memory_ops.chunk_forward` and ``docs/design.md`` §3. ``chunk_size=1`` is exact online learning.
 
-with ``q``, ``k`` and ``v`` l2-normalised per head. Inside a chunk of ``chunk_size`` tokens every gradient is taken
-at the chunk-start weights (mini-batch gradient descent, paper §3.2). The outputs of a whole chunk then have a closed
-(dual) form that never materialises per-token weights; see :func:`chunk_forward` and ``docs/design.md`` §3.
-``chunk_size=1`` is exact online gradient descent.
-
-This file holds the module, its gates, its state and the chunk schedule; the tensor operations (the MLP and its inner
-backward, the closed form's coefficients, forward and hand-written backward) are plain functions in ``memory_ops.py``.
-Both are flat siblings of ``modeling_titans.py`` with relative imports only, so that they travel with saved
-checkpoints for ``trust_remote_code`` loading.
+This file holds the module (the driver: projections, conv, gates, heads, padding, the chunk schedule, MAC's segment
+reads), its state and the schedule; the tensor operations (the MLP and its inner backward, the closed form's forward
+and hand-written backward) are plain functions in ``memory_ops.py``. All are flat siblings of ``modeling_titans.py``
+with relative imports only, so that they travel with saved checkpoints for ``trust_remote_code`` loading.
 """
 
 from __future__ import annotations
@@ -27,23 +23,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory_ops import (
-    CausalConvSiLU,
-    ChunkCoefficients,
-    chunk_scan,
-    chunk_update,
-    memory_errors,
-    memory_mlp,
-    safeguard_factor,
-    step_curvature,
-)
+from .memory_ops import CausalConvSiLU, KeySide, chunk_scan, chunk_update, fast_weights, memory_mlp
+from .memory_rule import MemoryRule, check_memory_arguments
+from .rule_registry import rule_class
 
-__all__ = ["BatchTensors", "NeuralMemory", "NeuralMemoryState", "SegmentReads", "TokenPacking", "compaction_order"]
+__all__ = [
+    "BatchTensors",
+    "MemoryOutput",
+    "NeuralMemory",
+    "NeuralMemoryState",
+    "SegmentReads",
+    "TokenPacking",
+    "compaction_order",
+]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -232,22 +230,22 @@ class NeuralMemoryState(BatchTensors):
     """Everything the memory needs to continue a stream exactly, for a batch of independent sequences.
 
     Attributes:
-        slots: per memory layer, the fast weights and what moves them, stacked as (batch, heads, slots, d_in, d_out)
-            (float32, or float64 when the module runs in float64): ``[W; S; A; B]`` with momentum, ``[W; A]``
-            without. ``W`` is the current fast weights ``W_t``, ``S`` the momentum ``S_t``, and ``A`` (``B``) the
-            part of ``W_t - W_0`` (``S_t``) written by the current chunk's tokens, zero on a boundary: the chunk's
-            learning-rate budget rescales it as the chunk goes on, so it is kept apart. One stack, so that a
-            decoding step moves all of them with one matmul (:meth:`NeuralMemory._step`). Read them as
-            :attr:`weights`, :attr:`momentum` and :attr:`chunk_update`.
+        matrices: per memory layer, the rule's recurrent matrices stacked as (batch, heads, m, d_in, d_out) (float32,
+            or float64 when the module runs in float64), named by :attr:`names`: the fast weights ``W_t`` first, then
+            the rule's (``titans-hf``: ``[W; S; A; B]`` with momentum ``S``, and ``A`` (``B``) the part of
+            ``W_t - W_0`` (``S_t``) written by the current chunk's tokens, which the chunk's learning-rate budget
+            rescales as the chunk goes on; ``[W; A]`` without momentum). One stack, so that a decoding step moves all
+            of them with one matmul (:meth:`NeuralMemory._step`). Read the first as :attr:`weights`.
         chunk_weights: the fast weights at the last chunk boundary, where the gradients of the current chunk are
             taken (equal to ``weights`` on a boundary).
         chunk_lr: the learning rates ``theta`` of the current chunk's tokens, summed, (batch, heads); zero on a
-            boundary.
+            boundary (used by rules with a learning-rate budget; zero for the others).
         conv: the last ``conv_kernel - 1`` projected (pre-convolution) ``q|k|v`` rows of real tokens,
             (batch, conv_kernel - 1, 3 * heads * head_dim); ``None`` without convolution.
         seen: number of real tokens written so far per sequence, (batch,) int64; ``seen % chunk_size`` of them
             are in the current chunk.
         chunk_size: the chunk size of the memory that made the state (not a tensor).
+        names: what each matrix is, e.g. ``("W", "S", "A", "B")`` (not a tensor).
         common_seen: ``seen`` as a host integer when every sequence has written the same number of tokens and that
             is known without reading the device (a stream of unpadded calls), else ``None``. The chunk schedule then
             follows from shapes: no host synchronisation.
@@ -255,58 +253,40 @@ class NeuralMemoryState(BatchTensors):
     Its size does not depend on how many tokens were read.
     """
 
-    slots: list[torch.Tensor]
+    matrices: list[torch.Tensor]
     chunk_weights: list[torch.Tensor]
     chunk_lr: torch.Tensor
     conv: torch.Tensor | None
     seen: torch.Tensor
     chunk_size: int
+    names: tuple[str, ...]
     common_seen: int | None = None
 
     @property
-    def has_momentum(self) -> bool:
-        """Whether the slots hold momentum (``[W; S; A; B]``) or not (``[W; A]``)."""
-        return self.slots[0].shape[2] == 4
-
-    @property
     def weights(self) -> list[torch.Tensor]:
-        """The current fast weights ``W_t``, (batch, heads, d_in, d_out) per layer (views of :attr:`slots`)."""
-        return [s[:, :, 0] for s in self.slots]
+        """The current fast weights ``W_t``, (batch, heads, d_in, d_out) per layer (views of :attr:`matrices`)."""
+        return [m[:, :, 0] for m in self.matrices]
 
     @property
     def momentum(self) -> list[torch.Tensor] | None:
-        """The current momentum ``S_t`` per layer (views), or ``None`` when momentum is disabled."""
-        return [s[:, :, 1] for s in self.slots] if self.has_momentum else None
-
-    @property
-    def chunk_update(self) -> list[torch.Tensor]:
-        """``[A; B]`` (``[A]`` without momentum) per layer, (batch, heads, 2 or 1, d_in, d_out) (views)."""
-        half = self.slots[0].shape[2] // 2
-        return [s[:, :, half:] for s in self.slots]
+        """The current momentum ``S_t`` per layer (views), or ``None`` when the rule keeps none."""
+        if "S" not in self.names:
+            return None
+        index = self.names.index("S")
+        return [m[:, :, index] for m in self.matrices]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NeuralMemoryState:
         """Moves every tensor to ``device``; ``dtype`` (if given) applies to the floating-point tensors only."""
         return self.apply(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], chunk_size: int) -> NeuralMemoryState:
-        """Inverse of :meth:`tensors` (also reads snapshots from before the :attr:`slots` stack: ``weights.i``,
-        ``momentum.i`` and ``chunk_update.i`` per layer)."""
-        tensors = dict(tensors)
-        if "weights.0" in tensors and "slots.0" not in tensors:
-            layer = 0
-            while f"weights.{layer}" in tensors:
-                parts = [tensors.pop(f"weights.{layer}").unsqueeze(2)]
-                if f"momentum.{layer}" in tensors:
-                    parts.append(tensors.pop(f"momentum.{layer}").unsqueeze(2))
-                if f"chunk_update.{layer}" not in tensors:
-                    raise ValueError("A memory state snapshot without chunk_update: made by an older titans-hf.")
-                parts.append(tensors.pop(f"chunk_update.{layer}"))
-                tensors[f"slots.{layer}"] = torch.cat(parts, dim=2)
-                layer += 1
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], chunk_size: int, names: tuple[str, ...]
+    ) -> NeuralMemoryState:
+        """Inverse of :meth:`tensors`."""
         seen = tensors["seen"]  # read once, on loading: every sequence at the same place restores the host schedule
         common_seen = int(seen[0]) if seen.numel() and bool((seen == seen[0]).all()) else None
-        return super().from_tensors(tensors, chunk_size=chunk_size, common_seen=common_seen)
+        return super().from_tensors(tensors, chunk_size=chunk_size, names=tuple(names), common_seen=common_seen)
 
     @property
     def batch_size(self) -> int:
@@ -315,9 +295,10 @@ class NeuralMemoryState(BatchTensors):
 
 @dataclass
 class MemoryInputs(BatchTensors):
-    """The per-token inputs of a block's reads and writes, heads first: unit ``queries``, ``keys`` and ``values``
-    (batch, heads, length, head_dim) and the gates ``lr`` (``theta``), ``log_momentum`` (``log eta``, ``None``
-    without momentum) and ``log_retention`` (``log(1 - alpha)``), (batch, heads, length)."""
+    """The per-token inputs of a block's reads and writes, heads first: unit ``queries`` and ``keys`` and the
+    ``values`` (batch, heads, length, head_dim), the gates ``lr`` (``theta``), ``log_momentum`` (``log eta``,
+    ``None`` without momentum) and ``log_retention`` (``log(1 - alpha)``), (batch, heads, length), and the rule's own
+    gates (batch, heads, length, gates) or ``None``."""
 
     queries: torch.Tensor
     keys: torch.Tensor
@@ -325,27 +306,36 @@ class MemoryInputs(BatchTensors):
     lr: torch.Tensor
     log_momentum: torch.Tensor | None
     log_retention: torch.Tensor
+    gates: torch.Tensor | None
 
 
 @dataclass
 class SegmentReads:
-    """What :meth:`NeuralMemory.forward` with ``segment`` returns beside the output and the state: every segment's
-    tokens read, without writing, with the fast weights at the start of their segment (MAC's ``h = M*_{t-1}(q)``),
-    from the queries of the same pass."""
+    """Every segment's tokens read, without writing, with the fast weights at the start of their segment (MAC's
+    ``h = M*_{t-1}(q)``), from the queries of the same pass (:meth:`NeuralMemory.forward` with ``segment``)."""
 
     output: torch.Tensor  # the reads through the memory's output (norm, gate, projection): shape of hidden_states
     start_weights: list[torch.Tensor]  # per layer (batch, segments, heads, d_in, d_out)
     conv: torch.Tensor | None  # the queries' conv tail after the block (batch, conv_kernel - 1, heads * head_dim)
 
 
+class MemoryOutput(NamedTuple):
+    """What :meth:`NeuralMemory.forward` returns: the ``output`` (shape of the input), the ``state`` after the block,
+    and the :class:`SegmentReads` when asked for (``segment``), else ``None``."""
+
+    output: torch.Tensor
+    state: NeuralMemoryState
+    segments: SegmentReads | None = None
+
+
 @dataclass
 class _ChunkCarry:
     """The memory's state inside a call, in the form the chunks work on (per layer, batch first)."""
 
-    running: (
+    running: list[torch.Tensor]  # the carried matrices, e.g. [D; S] (W - W_0 and the momentum), (batch, heads, m, ...)
+    update: (
         list[torch.Tensor] | None
-    )  # [D; S]: W - W_0 and the momentum, stacked as (batch, heads, slots, d_in, d_out)
-    update: list[torch.Tensor]  # [A; B]: the part of [D; S] written by the current chunk's tokens
+    )  # with a budget, [A; B]: the part of [D; S] written by the current chunk's tokens
     lr_sum: torch.Tensor  # the learning rates of the current chunk's tokens, summed, (batch, heads)
     boundary: list[torch.Tensor]  # the weights at the last chunk boundary, where the chunk's gradients are taken
 
@@ -356,9 +346,9 @@ class ChunkSchedule:
 
     A sequence that stopped ``phase`` tokens into a chunk first finishes that chunk (its ``C - phase`` next tokens:
     gradients still at the chunk's start weights, reads and carry from the running state), then runs whole chunks.
-    Slot layout: the first ``first_run`` slots hold each sequence's tokens up to its next boundary (the longest such
-    run, 0 when every sequence is on a boundary; shorter runs end in identity slots), then ``chunks`` chunks of ``C``
-    slots. Identity slots (padding of the layout) have ``theta = 0`` and gates of 1 (zeros of the log gates).
+    Layout: the first ``first_run`` positions hold each sequence's tokens up to its next boundary (the longest such
+    run, 0 when every sequence is on a boundary; shorter runs end in identity positions), then ``chunks`` chunks of
+    ``C`` positions. Identity positions (padding of the layout) have ``theta = 0`` and gates of 1 (zeros of the log gates).
 
     Attributes:
         first_run, chunks, size: the layout (host integers).
@@ -367,8 +357,8 @@ class ChunkSchedule:
             tensors. The state is carried from the last of them.
         closes: whether each run reaches a boundary (``bool`` or (batch,) tensors).
         written: real tokens written per sequence, (batch,).
-        token: (batch, slots) the packed token each slot holds, ``real`` (batch, slots) whether it holds one, and
-            ``slot`` (batch, length) the slot of each token; all ``None`` when the layout is the identity.
+        token: (batch, positions) the packed token each position holds, ``real`` (batch, positions) whether it holds
+            one, and ``position`` (batch, length) the position of each token; all ``None`` when the layout is the identity.
     """
 
     first_run: int
@@ -380,7 +370,7 @@ class ChunkSchedule:
     written: torch.Tensor
     token: torch.Tensor | None = None
     real: torch.Tensor | None = None
-    slot: torch.Tensor | None = None
+    position: torch.Tensor | None = None
 
     @classmethod
     def plan(
@@ -405,44 +395,44 @@ class ChunkSchedule:
         first = torch.minimum(written, (size - phase) % size)  # tokens that finish the current chunk
         first_run = int(first.max())
         chunks = -(-int((written - first).max()) // size)
-        slots = first_run + chunks * size
-        if slots == 0:
+        positions = first_run + chunks * size
+        if positions == 0:
             return None
-        # Token j of sequence b sits in slot j up to its boundary, then in slot first_run + (j - first_b).
-        steps = torch.arange(slots, device=device).unsqueeze(0)
+        # Token j of sequence b sits at position j up to its boundary, then at first_run + (j - first_b).
+        steps = torch.arange(positions, device=device).unsqueeze(0)
         in_first = steps < first.unsqueeze(1)
         token = torch.where(in_first, steps, steps - first_run + first.unsqueeze(1))
         real = (in_first | (steps >= first_run)) & (token < written.unsqueeze(1))
         steps = torch.arange(length, device=device).unsqueeze(0)
-        slot = torch.where(steps < first.unsqueeze(1), steps, steps + first_run - first.unsqueeze(1))
-        slot = slot.clamp(max=slots - 1)  # (pads beyond the real tokens read anything; dropped later)
+        position = torch.where(steps < first.unsqueeze(1), steps, steps + first_run - first.unsqueeze(1))
+        position = position.clamp(max=positions - 1)  # (pads beyond the real tokens read anything; dropped later)
         # A run closes its chunk on reaching a boundary: the first when phase + first = C, the others when full.
         run_counts = [first] + [(written - first - n * size).clamp(0, size) for n in range(chunks)]
         closes = [(first > 0) & (phase + first == size)] + [n_in == size for n_in in run_counts[1:]]
         return cls(
-            first_run, chunks, size, length, run_counts, closes, written, token.clamp(0, length - 1), real, slot
+            first_run, chunks, size, length, run_counts, closes, written, token.clamp(0, length - 1), real, position
         )
 
     @property
-    def slots(self) -> int:
+    def positions(self) -> int:
         return self.first_run + self.chunks * self.size
 
     def last_token(self, n: int, heads: int) -> torch.Tensor:
-        """Per sequence and head (batch, heads), the run ``n``'s slot after which the state is carried: its last real
+        """Per sequence and head (batch, heads), the run ``n``'s position after which the state is carried: its last real
         token (0 for a sequence with none)."""
         n_in, batch = self.run_counts[n], self.written.shape[0]
         if isinstance(n_in, int):
             return torch.full((batch, heads), n_in - 1, device=self.written.device, dtype=torch.long)
         return (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, heads)
 
-    def to_slots(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """A per-token stream (batch, heads, length, ...) laid out in slots; identity slots hold zeros."""
+    def to_layout(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A per-token stream (batch, heads, length, ...) in the layout; identity positions hold zeros."""
         if t is None:
             return None
         if self.token is None:
-            return _pad_time(t, self.slots)
+            return _pad_time(t, self.positions)
         gathered = _gather_time(t.transpose(1, 2), self.token, dim=1).transpose(1, 2)
-        mask = self.real.view(*self.real.shape[:1], 1, self.slots, *([1] * (gathered.dim() - 3)))
+        mask = self.real.view(*self.real.shape[:1], 1, self.positions, *([1] * (gathered.dim() - 3)))
         return torch.where(mask, gathered, torch.zeros((), dtype=t.dtype, device=t.device))
 
     @property
@@ -454,7 +444,7 @@ class ChunkSchedule:
     def split(
         self, t: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
-        """Slots -> the first run, the :attr:`whole` chunks stacked (chunks, batch, heads, size, ...), and the other
+        """A stream in the layout -> the first run, the :attr:`whole` chunks stacked (chunks, batch, heads, size, ...), and the other
         chunks one by one; contiguous (chunk-major: no copy in every matmul; unbind, not slicing per chunk, keeps the
         backward of the split linear in length)."""
         if t is None:
@@ -463,7 +453,7 @@ class ChunkSchedule:
         return t[:, :, : self.first_run], major[: self.whole], list(major[self.whole :].unbind(0))
 
     def chunk_major(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """The whole chunks of a slotted stream (batch, heads, slots, ...) as one contiguous (chunks, batch, heads,
+        """The whole chunks of a stream in the layout (batch, heads, positions, ...) as one contiguous (chunks, batch, heads,
         size, ...) tensor."""
         if t is None:
             return None
@@ -472,7 +462,7 @@ class ChunkSchedule:
         return rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous()
 
     def join(self, reads: list[torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`split` for the runs' reads (runs with no slot are absent)."""
+        """Inverse of :meth:`split` for the runs' reads (runs with no position are absent)."""
         first, chunks = (reads[0], reads[1:]) if self.first_run else (None, reads)
         parts = [] if first is None else [first]
         if chunks:
@@ -480,10 +470,10 @@ class ChunkSchedule:
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def to_tokens(self, reads: torch.Tensor) -> torch.Tensor:
-        """Slots -> the tokens' order, (batch, heads, length, d)."""
-        if self.slot is None:
+        """The layout -> the tokens' order, (batch, heads, length, d)."""
+        if self.position is None:
             return reads[:, :, : self.length]
-        return _gather_time(reads.transpose(1, 2), self.slot, dim=1).transpose(1, 2)
+        return _gather_time(reads.transpose(1, 2), self.position, dim=1).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -492,7 +482,7 @@ class ChunkSchedule:
 
 
 class NeuralMemory(nn.Module):
-    """Titans neural long-term memory (the LMM token mixer), streaming and exact.
+    """Titans neural long-term memory (the LMM token mixer), streaming and exact, learning by a memory rule.
 
     Args:
         hidden_size: width of the inputs and outputs.
@@ -502,15 +492,14 @@ class NeuralMemory(nn.Module):
         expansion: hidden width of the memory MLP, as a multiple of ``head_dim``.
         chunk_size: tokens per inner mini-batch; every gradient in a chunk is taken at the chunk-start weights.
         conv_kernel: width of the causal depthwise convolution on q, k, v (0 or 1: none).
-        momentum: use the momentum ("surprise") term ``S`` (eq. 14); without it ``S_t = -theta_t grad``.
+        momentum: use the momentum ("surprise") term ``S`` (eq. 14); ``None``: the rule's default.
         forget: use the data-dependent forgetting gate ``alpha`` (eq. 13); without it nothing is forgotten.
-        max_lr: upper bound of the inner learning rate ``theta = max_lr * sigmoid(.)`` and the chunk's budget: the
-            learning rates of a chunk's tokens so far are scaled down to sum to at most ``max_lr``; each token's step
-            is further divided by its :func:`step_curvature` (README, "The write rule").
-        max_weight_rms: safeguard: at every chunk boundary, each head's deviation of the fast weights from ``W_0``
-            and its momentum, per memory layer, are scaled down to this root-mean-square value if they exceed it
-            (``None``: off). Far above the normal range, it only acts when the inner optimisation overshoots (a
-            budget far above the stable one, adversarial input), keeping the memory finite and bounded.
+        max_lr: upper bound of the inner learning rate ``theta = max_lr * sigmoid(.)`` (with ``titans-hf``, also the
+            chunk's learning-rate budget); ``None``: the rule's default.
+        max_weight_rms: safeguard: at every chunk boundary, each head's carried matrices (``titans-hf``: ``W - W_0``
+            and the momentum) are scaled down to this root-mean-square value if they exceed it (``None``: off;
+            ``"auto"``: the rule's default). It only acts when the inner optimisation overshoots.
+        rule: the memory rule (``rule_registry.MEMORY_RULES``): ``"titans-hf"`` (default), ``"titans"``, ...
         retention_half_lives: at initialisation, the heads' retention ``1 - alpha`` is set (through the gate bias) so
             that a write fades to half after these many tokens, spread geometrically from the first value (head 0)
             to the second (the last head): several time scales, among which the data-dependent gate chooses.
@@ -519,6 +508,7 @@ class NeuralMemory(nn.Module):
         initializer_range: standard deviation of the gate and output projection weights at initialisation (the
             q|k|v projection uses ``1 / sqrt(hidden_size)``).
         norm_eps: epsilon of the per-head output RMSNorm.
+        rule_settings: the rule's own settings (e.g. ``moneta_p=3``).
     """
 
     def __init__(
@@ -530,34 +520,36 @@ class NeuralMemory(nn.Module):
         expansion: int = 4,
         chunk_size: int = 16,
         conv_kernel: int = 4,
-        momentum: bool = True,
+        momentum: bool | None = None,
         forget: bool = True,
-        max_lr: float = 1.0,
-        max_weight_rms: float | None = 1.0,
+        max_lr: float | None = None,
+        max_weight_rms: float | str | None = "auto",
+        rule: str = "titans-hf",
         retention_half_lives: tuple[float, float] = (32.0, 32768.0),
         init_momentum: float = 0.9,
         init_lr_fraction: float = 0.5,
         initializer_range: float = 0.02,
         norm_eps: float = 1e-6,
+        **rule_settings,
     ):
         super().__init__()
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("num_heads", num_heads)
-        _check_positive_int("head_dim", head_dim)
-        _check_positive_int("depth", depth)
-        _check_positive_int("expansion", expansion)
-        _check_positive_int("chunk_size", chunk_size)
-        if not isinstance(conv_kernel, int) or isinstance(conv_kernel, bool) or conv_kernel < 0:
-            raise ValueError(f"conv_kernel must be an int >= 0 (0 or 1: no convolution), got {conv_kernel!r}.")
-        for name, value in (("momentum", momentum), ("forget", forget)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}.")
-        if not (isinstance(max_lr, (int, float)) and math.isfinite(max_lr) and max_lr > 0):
-            raise ValueError(f"max_lr must be a finite number > 0, got {max_lr!r}.")
-        if max_weight_rms is not None and not (
-            isinstance(max_weight_rms, (int, float)) and math.isfinite(max_weight_rms) and max_weight_rms > 0
-        ):
-            raise ValueError(f"max_weight_rms must be None (off) or a finite number > 0, got {max_weight_rms!r}.")
+        rule_type = rule_class(rule)
+        momentum = rule_type.defaults["momentum"] if momentum is None else momentum
+        max_lr = rule_type.defaults["max_lr"] if max_lr is None else max_lr
+        max_weight_rms = rule_type.defaults["max_weight_rms"] if max_weight_rms == "auto" else max_weight_rms
+        check_memory_arguments(
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            depth=depth,
+            expansion=expansion,
+            chunk_size=chunk_size,
+            conv_kernel=conv_kernel,
+            momentum=momentum,
+            forget=forget,
+            max_lr=max_lr,
+            max_weight_rms=max_weight_rms,
+        )
         lives = tuple(retention_half_lives) if isinstance(retention_half_lives, (tuple, list)) else ()
         if not (
             len(lives) == 2
@@ -568,10 +560,7 @@ class NeuralMemory(nn.Module):
                 "retention_half_lives must be two finite numbers 0 < first <= second (tokens), got "
                 f"{retention_half_lives!r}."
             )
-        for name, value in (
-            ("init_momentum", init_momentum),
-            ("init_lr_fraction", init_lr_fraction),
-        ):
+        for name, value in (("init_momentum", init_momentum), ("init_lr_fraction", init_lr_fraction)):
             if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
                 raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}.")
 
@@ -585,7 +574,6 @@ class NeuralMemory(nn.Module):
         self.use_momentum = momentum
         self.use_forget = forget
         self.max_lr = float(max_lr)
-        self.max_weight_rms = None if max_weight_rms is None else float(max_weight_rms)
         self.retention_half_lives = (float(lives[0]), float(lives[1]))
         self.init_momentum = init_momentum
         self.init_lr_fraction = init_lr_fraction
@@ -609,7 +597,21 @@ class NeuralMemory(nn.Module):
         self.norm_eps = norm_eps
         self.gate_proj = nn.Linear(hidden_size, inner, bias=False)  # output gate
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        # How the memory learns (the rule's own parameters, if any, live under `rule.`).
+        self.rule: MemoryRule = rule_type(
+            hidden_size,
+            num_heads,
+            max_lr=self.max_lr,
+            momentum=momentum,
+            max_weight_rms=max_weight_rms,
+            **rule_settings,
+        )
         self.reset_parameters()
+
+    @property
+    def max_weight_rms(self) -> float | None:
+        """The safeguard's bound (the rule applies it at chunk boundaries), or ``None``."""
+        return self.rule.max_weight_rms
 
     # ---------------------------------------------------------------------------------------------------- init
 
@@ -650,6 +652,7 @@ class NeuralMemory(nn.Module):
         for w in self.initial_weights:
             init.normal_(w, mean=0.0, std=1.0 / math.sqrt(w.shape[-2]))
         init.ones_(self.norm_weight)
+        self.rule.reset_parameters(init)
 
     def initial_half_lives(self) -> torch.Tensor:
         """The retention half-life of every head at initialisation (tokens), geometric over ``retention_half_lives``."""
@@ -682,7 +685,8 @@ class NeuralMemory(nn.Module):
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def initial_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> NeuralMemoryState:
-        """The state before the first token: ``W_0`` for every sequence, zero momentum.
+        """The state before the first token: the rule's, from ``W_0`` for every sequence (``titans-hf``: ``W_0``,
+        zero momentum).
 
         ``dtype`` is the dtype of the fast weights (float32, or float64 for exact checks); the conv tail takes the
         module's dtype.
@@ -698,19 +702,15 @@ class NeuralMemory(nn.Module):
                 device=device,
                 dtype=self.qkv_proj.weight.dtype,
             )
-        num_slots = 4 if self.use_momentum else 2
-        slots = []
-        for w in weights:
-            stack = w.new_zeros(batch_size, w.shape[1], num_slots, *w.shape[2:])
-            stack[:, :, 0] = w
-            slots.append(stack)
+        matrices, chunk_weights = zip(*(self.rule.initial_state(w) for w in weights))
         return NeuralMemoryState(
-            slots=slots,
-            chunk_weights=weights,
+            matrices=list(matrices),
+            chunk_weights=list(chunk_weights),
             chunk_lr=torch.zeros(batch_size, self.num_heads, device=device, dtype=dtype),
             conv=conv,
             seen=torch.zeros(batch_size, dtype=torch.long, device=device),
             chunk_size=self.chunk_size,
+            names=self.rule.matrix_names(),
             common_seen=0,
         )
 
@@ -761,12 +761,12 @@ class NeuralMemory(nn.Module):
         write: bool = True,
         *,
         segment: int | None = None,
-    ) -> tuple[torch.Tensor, NeuralMemoryState] | tuple[torch.Tensor, NeuralMemoryState, SegmentReads]:
+    ) -> MemoryOutput:
         """Reads and writes a block of tokens.
 
         Args:
             hidden_states: (batch, seq, hidden_size).
-            state: where the stream stopped (``None``: a new stream, starting from ``W_0``).
+            state: where the stream stopped (``None``: a new stream, from the rule's initial state).
             mask: (batch, seq) of 0/1 or bool; a 0 token writes nothing, moves no chunk boundary and gets a zero output.
             write: ``False`` is the "memory never written" ablation: every token reads the state's current
                 weights and the state is returned unchanged.
@@ -775,8 +775,8 @@ class NeuralMemory(nn.Module):
                 only, segments of whole chunks, and a stream on a segment boundary.
 
         Returns:
-            ``(output, new_state)`` (and the :class:`SegmentReads`, with ``segment``); ``output`` has the shape of
-            ``hidden_states``.
+            :class:`MemoryOutput`: the output (the shape of ``hidden_states``), the new state, and the
+            :class:`SegmentReads` with ``segment`` (else ``None``).
         """
         if segment is not None and (
             mask is not None
@@ -788,17 +788,6 @@ class NeuralMemory(nn.Module):
                 f"segment={segment}: the weights at segment starts need real tokens only (no mask), segments of whole "
                 f"chunks (chunk_size={self.chunk_size}) and a stream on a segment boundary known on the host."
             )
-        output, new_state, segment_reads = self._forward(hidden_states, state, mask, write, segment)
-        return (output, new_state) if segment is None else (output, new_state, segment_reads)
-
-    def _forward(
-        self,
-        hidden_states: torch.Tensor,
-        state: NeuralMemoryState | None,
-        mask: torch.Tensor | None,
-        write: bool,
-        segment: int | None = None,
-    ) -> tuple[torch.Tensor, NeuralMemoryState, SegmentReads | None]:
         batch, length = self._check_inputs(hidden_states, mask)
         dtype = self.compute_dtype(hidden_states)
         if state is None:
@@ -811,9 +800,9 @@ class NeuralMemory(nn.Module):
         # Projections, causal conv + SiLU, l2-normalisation (eq. 11), gates (eq. 13-14).
         features, conv_tail = self.causal_conv(self.qkv_proj(x), state.conv, self.conv_weight, counts)
         q, k, v = self.split_heads(features).to(dtype).unbind(0)
-        # Unit queries and keys (eq. 11), and unit values: the inner problem has one scale at any width, the one for
-        # which the chunk's learning-rate budget is stable (README, "the write rule").
-        q, k, v = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(v, dim=-1)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.rule.unit_values:  # (titans-hf: the inner problem has one scale at any width, docs/design.md §2.4)
+            v = F.normalize(v, dim=-1)
 
         # Read and write chunk by chunk, with float32 (or float64) state even under autocast.
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
@@ -827,26 +816,29 @@ class NeuralMemory(nn.Module):
                 # Autocast is off here: the gates run in their weights' dtype (under autocast, e.g. MAC, x is bf16).
                 gate_x = x.to(self.lr_proj.weight.dtype)
                 gates = [self.lr(gate_x), self.log_momentum(gate_x), self.log_retention(gate_x)]
-                lr, log_momentum, log_retention = (None if g is None else g.to(dtype).transpose(1, 2) for g in gates)
-                tokens = MemoryInputs(q, k, v, lr, log_momentum, log_retention)
+                gates.append(self.rule.rule_gates(gate_x))
+                lr, log_momentum, log_retention, rule_gates = (
+                    None if g is None else g.to(dtype).transpose(1, 2) for g in gates
+                )
+                tokens = MemoryInputs(q, k, v, lr, log_momentum, log_retention, rule_gates)
                 reads, new_state, starts = self._read_write(state, tokens, counts, segment)
                 new_state.conv = conv_tail
             retrieved = None if segment is None else self._read_segments(starts, q, segment)
         output = packing.unpack(self.output(reads, x))
         if segment is None:
-            return output, new_state, None
+            return MemoryOutput(output, new_state)
         # (no padding with `segment`: the packing is the identity)
         query_tail = None if conv_tail is None else conv_tail[..., : self.num_heads * self.head_dim].contiguous()
-        return output, new_state, SegmentReads(self.output(retrieved, x), starts, query_tail)
+        return MemoryOutput(output, new_state, SegmentReads(self.output(retrieved, x), starts, query_tail))
 
     def _read_write(
         self, state: NeuralMemoryState, tokens: MemoryInputs, counts: torch.Tensor | None, segment: int | None = None
     ) -> tuple[torch.Tensor, NeuralMemoryState, list[torch.Tensor]]:
         """Reads and writes the block's tokens (heads-first, (batch, heads, length, ...)), continuing each sequence
         from wherever it stopped: lays the tokens out in runs (:class:`ChunkSchedule`), runs them in closed form
-        (:meth:`_run_chunks`) and gathers each token's read. One real token per sequence (decoding) takes the plain
-        recurrence, :meth:`_step`. With ``segment``, also the fast weights at the start of every ``segment``
-        tokens (see :meth:`forward`), else ``[]``."""
+        (:meth:`_run_chunks`, :meth:`_scan`) and gathers each token's read. One real token per sequence (decoding)
+        takes the recurrence, :meth:`_step`. With ``segment``, also the fast weights at the start of every
+        ``segment`` tokens (see :meth:`forward`), else ``[]``."""
         q = tokens.queries
         batch, _, length, _ = q.shape
         if length == 1 and counts is None and segment is None:
@@ -854,9 +846,10 @@ class NeuralMemory(nn.Module):
         schedule = ChunkSchedule.plan(state, counts, length, batch, q.device)
         if schedule is None:  # no real token in any sequence
             return q.new_zeros(q.shape), state, []
-        slotted = tokens.apply(schedule.to_slots)
-        streams = (slotted.queries, slotted.keys, self._targets(slotted.keys, slotted.values))
-        streams += (slotted.lr, slotted.log_momentum, slotted.log_retention)
+        laid_out = tokens.apply(schedule.to_layout)
+        streams = (laid_out.queries, laid_out.keys, self._targets(laid_out.keys, laid_out.values))
+        streams += (self.rule.error_params(laid_out.gates), laid_out.lr, laid_out.log_momentum)
+        streams += (laid_out.log_retention, laid_out.gates)
         first, whole, rest = zip(*(schedule.split(t) for t in streams))
         anchors = self._anchors(q.dtype)
         # The weights at every chunk start, if asked: pieces of (boundaries, batch, heads, d_in, d_out) per layer,
@@ -873,7 +866,7 @@ class NeuralMemory(nn.Module):
             starts = [torch.cat(pieces)[::every].movedim(0, 1) for pieces in zip(*boundaries)]
         reads = schedule.join(reads)
         if self.residual:
-            reads = reads + slotted.queries
+            reads = reads + laid_out.queries
         common_seen = None if counts is not None or state.common_seen is None else state.common_seen + length
         new_state = self._new_state(state, carry, anchors, state.seen + schedule.written, common_seen)
         return schedule.to_tokens(reads), new_state, starts
@@ -887,19 +880,20 @@ class NeuralMemory(nn.Module):
         carry: _ChunkCarry,
         schedule: ChunkSchedule,
         whole: tuple[torch.Tensor | None, ...],
-        anchors: list[torch.Tensor],
+        anchors: list[torch.Tensor] | None,
         boundaries: list[list[torch.Tensor]] | None,
     ) -> list[torch.Tensor]:
         """The schedule's :attr:`~ChunkSchedule.whole` chunks at once (:func:`~memory_ops.chunk_scan`), from the
         boundary ``carry`` is on; updates ``carry`` and ``boundaries`` as :meth:`_run_chunks` does. The reads of each
         chunk."""
-        queries, keys, targets, lr, log_momentum, log_retention = whole
-        coefficients = ChunkCoefficients.from_gates(lr, log_momentum, log_retention, self.max_lr)
+        queries, keys, targets, params, lr, log_momentum, log_retention, gates = whole
+        coefficients = self.rule.coefficients(lr, log_momentum, log_retention, gates)
         reads, carry.running, starts = chunk_scan(
-            self.max_weight_rms,
+            self.rule,
             queries,
             keys,
             targets,
+            params,
             coefficients,
             carry.running,
             carry.boundary,
@@ -919,38 +913,38 @@ class NeuralMemory(nn.Module):
         schedule: ChunkSchedule,
         pieces: list[tuple],
         start: int,
-        anchors: list[torch.Tensor],
+        anchors: list[torch.Tensor] | None,
         boundaries: list[list[torch.Tensor]] | None = None,
     ) -> list[torch.Tensor]:
         """The runs ``pieces`` of the schedule (its runs from ``start`` on) in order, each in closed form
         (:func:`~memory_ops.chunk_update`): the reads of each run; updates ``carry``.
 
-        A run that continues a chunk (the first run, unless every sequence is on a boundary) or stops inside one also
-        carries the chunk's own update ``[A; B]``; a run that reaches a boundary closes its chunk
-        (:meth:`_close_chunk`). ``boundaries``, if given, receives the weights at every boundary a run closes
-        before the block's last token (a host-known schedule only).
+        With a learning-rate budget, a run that continues a chunk (the first run, unless every sequence is on a
+        boundary) or stops inside one also carries the chunk's own update ``[A; B]``; a run that reaches a boundary
+        closes its chunk (:meth:`_close_chunk`). ``boundaries``, if given, receives the weights at every boundary a
+        run closes before the block's last token (a host-known schedule only).
         """
-        num_slots = 1 if carry.running[0].shape[2] == 1 else 2
+        carried = self.rule.num_matrices()
         reads = []
-        for n, (q_n, k_n, t_n, lr_n, log_mom_n, log_ret_n) in enumerate(pieces, start):
+        for n, (q_n, k_n, t_n, p_n, lr_n, log_mom_n, log_ret_n, g_n) in enumerate(pieces, start):
             if q_n.shape[2] == 0:
                 continue
             n_in, closes = schedule.run_counts[n], schedule.closes[n]  # host ints and bools, or (batch,) tensors
             active = n_in > 0
             stops_inside = (active and not closes) if isinstance(closes, bool) else active & ~closes
-            continuing = n == 0 and schedule.first_run > 0 or _any(stops_inside)
+            continuing = self.rule.budget and (n == 0 and schedule.first_run > 0 or _any(stops_inside))
             last = schedule.last_token(n, self.num_heads)
             if continuing:
-                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last, carry.lr_sum)
+                c_n = self.rule.coefficients(lr_n, log_mom_n, log_ret_n, g_n, last, carry.lr_sum)
                 stacked = [torch.cat([r, u], dim=2) for r, u in zip(carry.running, carry.update)]
             else:
-                c_n = ChunkCoefficients.from_gates(lr_n, log_mom_n, log_ret_n, self.max_lr, last)
+                c_n = self.rule.coefficients(lr_n, log_mom_n, log_ret_n, g_n, last)
                 stacked = carry.running
-            y, carried = chunk_update(stacked, carry.boundary, q_n, k_n, t_n, c_n, anchors)
+            y, after = chunk_update(self.rule, stacked, carry.boundary, q_n, k_n, t_n, p_n, c_n, anchors)
             reads.append(y)
-            carry.running = _select_rows(active, [x[:, :, :num_slots] for x in carried], carry.running)
+            carry.running = _select_rows(active, [x[:, :, :carried] for x in after], carry.running)
             if continuing:
-                carry.update = _select_rows(active, [x[:, :, num_slots:] for x in carried], carry.update)
+                carry.update = _select_rows(active, [x[:, :, carried:] for x in after], carry.update)
                 carry.lr_sum = _where_batch(active, carry.lr_sum + lr_n.sum(-1), carry.lr_sum)
             if _any(closes):
                 self._close_chunk(closes, carry, anchors)
@@ -958,98 +952,103 @@ class NeuralMemory(nn.Module):
                     boundaries.append([b.unsqueeze(0) for b in carry.boundary])
         return reads
 
-    def _carry(self, state: NeuralMemoryState, anchors: list[torch.Tensor]) -> _ChunkCarry:
-        """The state in the form the chunks work on: ``[D; S]`` (``D = W - W_0``) and ``[A; B]`` per layer."""
-        half = state.slots[0].shape[2] // 2
+    def _carry(self, state: NeuralMemoryState, anchors: list[torch.Tensor] | None) -> _ChunkCarry:
+        """The state in the form the chunks work on: the carried matrices with ``W`` read as ``D = W - anchor`` (e.g.
+        ``[D; S]``) and, with a budget, the chunk's own update ``[A; B]``, per layer."""
+        carried = self.rule.num_matrices()
         running = []
-        for s, a in zip(state.slots, anchors):
-            deviation = s[:, :, :1] - a.unsqueeze(2)
-            running.append(torch.cat([deviation, s[:, :, 1:half]], dim=2) if half > 1 else deviation)
-        return _ChunkCarry(running, state.chunk_update, state.chunk_lr, list(state.chunk_weights))
+        for m, a in zip(state.matrices, anchors or [None] * len(state.matrices)):
+            deviation = m[:, :, :1] if a is None else m[:, :, :1] - a.unsqueeze(2)
+            running.append(torch.cat([deviation, m[:, :, 1:carried]], dim=2) if carried > 1 else deviation)
+        update = [m[:, :, carried:] for m in state.matrices] if self.rule.budget else None
+        return _ChunkCarry(running, update, state.chunk_lr, list(state.chunk_weights))
 
-    def _close_chunk(self, rows: torch.Tensor | bool, carry: _ChunkCarry, anchors: list[torch.Tensor]) -> None:
+    def _close_chunk(self, rows: torch.Tensor | bool, carry: _ChunkCarry, anchors: list[torch.Tensor] | None) -> None:
         """A chunk boundary, for the sequences ``rows`` (updates ``carry``): the chunk's update joins the state, the
-        safeguard bounds ``[D; S]``, and the next chunk takes its gradients there."""
-        carry.running = _select_rows(rows, self.bound(carry.running), carry.running)
-        carry.update = _select_rows(rows, [torch.zeros_like(u) for u in carry.update], carry.update)
+        rule's maps at boundaries apply (e.g. the safeguard), and the next chunk takes its gradients there."""
+        bounded, _ = self.rule.bound(carry.running)
+        carry.running = _select_rows(rows, bounded, carry.running)
+        if carry.update is not None:
+            carry.update = _select_rows(rows, [torch.zeros_like(u) for u in carry.update], carry.update)
         carry.lr_sum = _where_batch(rows, torch.zeros_like(carry.lr_sum), carry.lr_sum)
-        carry.boundary = _select_rows(rows, [r[:, :, 0] + a for r, a in zip(carry.running, anchors)], carry.boundary)
+        layer_anchors = anchors or [None] * len(carry.running)
+        carry.boundary = _select_rows(
+            rows, [fast_weights(r, a) for r, a in zip(carry.running, layer_anchors)], carry.boundary
+        )
 
     def _new_state(
         self,
         state: NeuralMemoryState,
         carry: _ChunkCarry,
-        anchors: list[torch.Tensor],
+        anchors: list[torch.Tensor] | None,
         seen: torch.Tensor,
         common_seen: int | None,
     ) -> NeuralMemoryState:
-        """The state after a call, from the carry: ``[W; S; A; B]`` stacked (contiguous, so that a live state and a
-        reloaded snapshot compute alike) with the chunk's learning-rate sum and gradient weights; the conv tail is
-        set by the caller."""
-        slots = [
-            torch.cat([r[:, :, :1] + a.unsqueeze(2), r[:, :, 1:], u], dim=2)
-            for r, u, a in zip(carry.running, carry.update, anchors)
-        ]
+        """The state after a call, from the carry: the matrices stacked (``W`` first; contiguous, so that a live state
+        and a reloaded snapshot compute alike) with the chunk's learning-rate sum and gradient weights; the conv tail
+        is set by the caller."""
+        matrices = []
+        for layer, r in enumerate(carry.running):
+            w = r[:, :, :1] if anchors is None else r[:, :, :1] + anchors[layer].unsqueeze(2)
+            parts = [w, r[:, :, 1:]] + ([] if carry.update is None else [carry.update[layer]])
+            matrices.append(torch.cat(parts, dim=2))
         return NeuralMemoryState(
-            slots=slots,
+            matrices=matrices,
             chunk_weights=carry.boundary,
             chunk_lr=carry.lr_sum,
             conv=state.conv,
             seen=seen,
             chunk_size=self.chunk_size,
+            names=state.names,
             common_seen=common_seen,
         )
 
-    def _anchors(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """``W_0`` per layer as (1, heads, d_in, d_out): what forgetting relaxes the fast weights towards."""
+    def _anchors(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """What forgetting relaxes the fast weights towards, per layer as (1, heads, d_in, d_out): ``W_0`` for an
+        anchored rule, ``None`` (zero) otherwise."""
+        if not self.rule.anchored:
+            return None
         return [w.to(dtype).unsqueeze(0) for w in self.initial_weights]
 
     def _step(self, state: NeuralMemoryState, tokens: MemoryInputs) -> tuple[torch.Tensor, NeuralMemoryState]:
-        """One real token per sequence (decoding) as the plain recurrence the closed form sums: the gradient at the
-        chunk's start weights, its step curvature ``kappa``, the budget scale ``n`` of the chunk so far, then the read
-        ``M_W(q)``; on a chunk boundary the chunk closes as in :meth:`_run_chunks`. With ``A`` (``B``) the part of
-        ``W - W_0`` (``S``) written by the chunk's earlier tokens, ``rho = n_before / n`` and the scaled rank-one step
-        ``w = -2 (1 - eta) theta u / (kappa n)``:
+        """One real token per sequence (decoding): the closed form of a run of one token, as a recurrence on the
+        state's matrices. The rule's coefficients of the one-token run give the transition ``T`` (matrices x
+        matrices, per head) and the write ``w``; with ``u = abar^T delta`` the token's half gradient at the chunk's
+        start weights,
 
-            B' = rho eta B + w                  S' = eta (S - B) + B'
-            A' = rho r A + B'                   W' = W_0 + r (W - W_0 - A) + eta (S - B) + A'
+            [W'; ...] = T [W; ...] + w u + (1 - T_00) anchor [1; 0; ...]
 
-        that is ``[W'; S'; A'; B'] = T [W; S; A; B] + w + (1 - r) W_0 [1; 0; 0; 0]`` with the per-head transition
-        :meth:`_step_transition`: one matmul over the state's :attr:`~NeuralMemoryState.slots` per memory layer.
-
-        The same arithmetic as :func:`~memory_ops.chunk_forward` on a run of one token; cached decoding is tested
-        against the full (chunked) pass for every variant.
+        (the closed form acts on ``D = W - anchor``): one matmul over the state's :attr:`~NeuralMemoryState.matrices`
+        per memory layer, the (rank-one) write added to all of them in place. The read is ``M_W'(q)``; on a chunk
+        boundary the chunk closes as in :meth:`_run_chunks`. Cached decoding is tested against the full (chunked)
+        pass for every variant and rule.
         """
-        q, k, log_momentum = tokens.queries, tokens.keys, tokens.log_momentum
-        inputs, _, _, deltas = memory_errors(state.chunk_weights, k, self._targets(k, tokens.values))
-        theta = tokens.lr[..., 0]  # (batch, heads)
-        lr_sum = state.chunk_lr + theta
-        scale = 1.0 / torch.clamp(lr_sum / self.max_lr, min=1.0)  # 1 / n
-        rho = torch.clamp(state.chunk_lr / self.max_lr, min=1.0) * scale
-        retention = torch.exp(tokens.log_retention[..., 0])  # (batch, heads)
-        momentum = None if log_momentum is None else torch.exp(log_momentum[..., 0])
-        step = -2.0 * theta * scale / step_curvature(inputs, deltas)[..., 0]
-        if momentum is not None:
-            step = step * (1.0 - momentum)
-        transition = self._step_transition(retention, momentum, rho)
+        q, k = tokens.queries, tokens.keys
+        params = self.rule.error_params(tokens.gates)
+        key_side = KeySide.forward(self.rule, state.chunk_weights, k, params, targets=self._targets(k, tokens.values))
+        lr_before = state.chunk_lr if self.rule.budget else None
+        c = self.rule.coefficients(tokens.lr, tokens.log_momentum, tokens.log_retention, tokens.gates, None, lr_before)
+        c = key_side.coefficients(c)
         anchors = self._anchors(q.dtype)
-        slots = []
-        for layer, (abar, delta) in enumerate(zip(inputs, deltas)):
-            old = state.slots[layer]
-            new = (transition @ old.flatten(-2).flatten(0, 1)).view_as(old)
-            # + w in every slot: the scaled rank-one step abar^T (step delta), added in place to all slots at once
-            abar_t = abar.transpose(-1, -2).unsqueeze(2).expand(*new.shape[:-1], 1)
-            scaled = (delta * step[..., None, None]).unsqueeze(2).expand(*new.shape[:-2], 1, new.shape[-1])
+        matrices = []
+        for layer, (abar, delta) in enumerate(zip(key_side.inputs, key_side.deltas)):
+            old = state.matrices[layer]
+            new = (c.transition.flatten(0, 1) @ old.flatten(-2).flatten(0, 1)).view_as(old)
+            # + abar^T (write_s delta) in every matrix s, all at once, in place
+            abar_t = abar.transpose(-1, -2).unsqueeze(2).expand(*new.shape[:-1], abar.shape[-2])
+            scaled = delta.unsqueeze(2) * c.write.transpose(-1, -2).unsqueeze(-1)
             new.flatten(0, 2).baddbmm_(abar_t.flatten(0, 2), scaled.flatten(0, 2))
-            new[:, :, 0].addcmul_(anchors[layer], (1.0 - retention)[..., None, None])
-            slots.append(new)
+            if anchors is not None:
+                new[:, :, 0].addcmul_(anchors[layer], (1.0 - c.transition[..., 0, 0])[..., None, None])
+            matrices.append(new)
         new_state = NeuralMemoryState(
-            slots=slots,
+            matrices=matrices,
             chunk_weights=state.chunk_weights,
-            chunk_lr=lr_sum,
+            chunk_lr=state.chunk_lr + tokens.lr[..., 0] if self.rule.budget else state.chunk_lr,
             conv=state.conv,
             seen=state.seen + 1,
             chunk_size=self.chunk_size,
+            names=state.names,
             common_seen=None if state.common_seen is None else state.common_seen + 1,
         )
         reads = memory_mlp(new_state.weights, q, self.residual)
@@ -1060,27 +1059,6 @@ class NeuralMemory(nn.Module):
             self._close_chunk(closes, carry, anchors)
             new_state = self._new_state(new_state, carry, anchors, new_state.seen, new_state.common_seen)
         return reads, new_state
-
-    @staticmethod
-    def _step_transition(retention: torch.Tensor, momentum: torch.Tensor | None, rho: torch.Tensor) -> torch.Tensor:
-        """The matrix ``T`` of :meth:`_step` per sequence and head, (batch * heads, slots, slots): on ``[W; S; A; B]``
-        ``[[r, eta, (rho-1) r, (rho-1) eta], [0, eta, 0, (rho-1) eta], [0, 0, rho r, rho eta], [0, 0, 0, rho eta]]``,
-        on ``[W; A]`` (no momentum) ``[[r, (rho-1) r], [0, rho r]]``."""
-        zero = torch.zeros_like(rho)
-        kept_r, own_r = (rho - 1.0) * retention, rho * retention
-        if momentum is None:
-            rows = [[retention, kept_r], [zero, own_r]]
-        else:
-            kept_m, own_m = (rho - 1.0) * momentum, rho * momentum
-            rows = [[retention, momentum, kept_r, kept_m], [zero, momentum, zero, kept_m], [zero, zero, own_r, own_m]]
-            rows.append([zero, zero, zero, own_m])
-        return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2).flatten(0, 1)
-
-    def bound(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The ``max_weight_rms`` safeguard, applied to each layer's ``[W - W_0; S]`` (batch, heads, s, d_in, d_out)."""
-        if self.max_weight_rms is None:
-            return states
-        return [s * safeguard_factor(s, self.max_weight_rms) for s in states]
 
     def retrieve(
         self,
@@ -1146,14 +1124,15 @@ class NeuralMemory(nn.Module):
         if not isinstance(state, NeuralMemoryState):
             raise ValueError(f"state must be a NeuralMemoryState, got {type(state).__name__}.")
         expected = [(batch_size, *w.shape) for w in self.initial_weights]
-        num_slots = 4 if self.use_momentum else 2
-        expected_slots = [(b, h, num_slots, i, o) for b, h, i, o in expected]
-        found = [tuple(s.shape) for s in state.slots]
-        if found != expected_slots:
+        names = self.rule.matrix_names()
+        expected_matrices = [(b, h, len(names), i, o) for b, h, i, o in expected]
+        found = [tuple(m.shape) for m in state.matrices]
+        if found != expected_matrices or tuple(state.names) != names:
             raise ValueError(
-                f"state does not match this memory: slots {found}, expected {expected_slots} (batch, heads, "
-                f"[W; S; A; B] with momentum or [W; A] without, d_in, d_out per layer; momentum={self.use_momentum}). "
-                "Was it made by a memory with another configuration or batch?"
+                f"state does not match this memory: matrices {list(state.names)} of shapes {found}, expected "
+                f"{list(names)} of shapes {expected_matrices} (batch, heads, matrices, d_in, d_out per layer; "
+                f"memory_rule={self.rule.name!r}, momentum={self.use_momentum}). Was it made by a memory with another "
+                "configuration or batch?"
             )
         if state.chunk_size != self.chunk_size:
             raise ValueError(
@@ -1161,10 +1140,6 @@ class NeuralMemory(nn.Module):
             )
         if [tuple(w.shape) for w in state.chunk_weights] != expected:
             raise ValueError(f"state chunk_weights do not match this memory: expected {expected}.")
-        if state.chunk_lr is None:
-            raise ValueError(
-                "state has no chunk_lr: was it made by an older version of titans-hf? Start a new stream."
-            )
         if tuple(state.chunk_lr.shape) != (batch_size, self.num_heads):
             raise ValueError(
                 f"state chunk_lr has shape {tuple(state.chunk_lr.shape)}, expected {(batch_size, self.num_heads)}."
@@ -1184,8 +1159,3 @@ class NeuralMemory(nn.Module):
             f"chunk_size={self.chunk_size}, conv_kernel={self.conv_kernel}, momentum={self.use_momentum}, "
             f"forget={self.use_forget}, max_lr={self.max_lr}, max_weight_rms={self.max_weight_rms}"
         )
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")

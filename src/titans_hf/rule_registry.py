@@ -1,0 +1,25 @@
+# Copyright 2026 The titans-hf developers. Licensed under the Apache License, Version 2.0.
+"""The memory rules by their ``memory_rule`` name (``TitansConfig(memory_rule=...)``). A new rule is a flat sibling
+module ``rule_<name>.py`` defining a :class:`~memory_rule.MemoryRule` subclass, and one line here."""
+
+from __future__ import annotations
+
+from .memory_rule import MemoryRule
+from .rule_titans_hf import TitansHFRule
+
+MEMORY_RULES: dict[str, type[MemoryRule]] = {rule.name: rule for rule in (TitansHFRule,)}
+
+
+def rule_class(name: str) -> type[MemoryRule]:
+    """The rule called ``name``; ``ValueError`` listing the known ones otherwise."""
+    if name not in MEMORY_RULES:
+        raise ValueError(f"memory_rule must be one of {sorted(MEMORY_RULES)}, got {name!r}.")
+    return MEMORY_RULES[name]
+
+
+def rule_settings() -> dict[str, str]:
+    """Every rule-specific setting's name and the rule it belongs to."""
+    return {setting: name for name, rule in MEMORY_RULES.items() for setting in rule.settings}
+
+
+__all__ = ["MEMORY_RULES", "rule_class", "rule_settings"]
