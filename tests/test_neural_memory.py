@@ -21,7 +21,7 @@ from titans_hf.rule_titans_hf import TitansHFRule
 
 def default_rule(max_lr: float, momentum: bool = True, max_weight_rms: float | None = None) -> TitansHFRule:
     """The default rule, alone (as the memory builds it), for the tests of the closed form's pieces."""
-    return TitansHFRule(4, 2, max_lr=max_lr, momentum=momentum, max_weight_rms=max_weight_rms)
+    return TitansHFRule(4, 2, 3, max_lr=max_lr, momentum=momentum, max_weight_rms=max_weight_rms)
 
 
 def fields_of(obj) -> list:

@@ -281,6 +281,7 @@ class MemoryRule(nn.Module):
         self,
         hidden_size: int,
         num_heads: int,
+        head_dim: int,
         max_lr: float,
         momentum: bool,
         max_weight_rms: float | None,
@@ -288,7 +289,7 @@ class MemoryRule(nn.Module):
     ):
         super().__init__()
         self.check_settings(settings)
-        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.max_lr = float(max_lr)
         self.momentum = momentum
         self.max_weight_rms = None if max_weight_rms is None else float(max_weight_rms)

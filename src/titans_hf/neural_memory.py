@@ -601,6 +601,7 @@ class NeuralMemory(nn.Module):
         self.rule: MemoryRule = rule_type(
             hidden_size,
             num_heads,
+            head_dim,
             max_lr=self.max_lr,
             momentum=momentum,
             max_weight_rms=max_weight_rms,

@@ -5,9 +5,14 @@ module ``rule_<name>.py`` defining a :class:`~memory_rule.MemoryRule` subclass, 
 from __future__ import annotations
 
 from .memory_rule import MemoryRule
+from .rule_moneta import MonetaRule
+from .rule_titans import TitansRule
 from .rule_titans_hf import TitansHFRule
+from .rule_yaad import YaadRule
 
-MEMORY_RULES: dict[str, type[MemoryRule]] = {rule.name: rule for rule in (TitansHFRule,)}
+MEMORY_RULES: dict[str, type[MemoryRule]] = {
+    rule.name: rule for rule in (TitansHFRule, TitansRule, MonetaRule, YaadRule)
+}
 
 
 def rule_class(name: str) -> type[MemoryRule]:
