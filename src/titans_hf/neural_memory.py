@@ -246,6 +246,9 @@ class NeuralMemoryState(BatchTensors):
             are in the current chunk.
         chunk_size: the chunk size of the memory that made the state (not a tensor).
         names: what each matrix is, e.g. ``("W", "S", "A", "B")`` (not a tensor).
+        window_keys, window_values: with a rule whose step mixes a window of ``window`` tokens, the keys and values
+            of the last ``window - 1`` real tokens, (batch, heads, window - 1, head_dim) (zeros before the stream's
+            first tokens: a zero token's gradient is zero); ``None`` otherwise.
         common_seen: ``seen`` as a host integer when every sequence has written the same number of tokens and that
             is known without reading the device (a stream of unpadded calls), else ``None``. The chunk schedule then
             follows from shapes: no host synchronisation.
@@ -260,6 +263,8 @@ class NeuralMemoryState(BatchTensors):
     seen: torch.Tensor
     chunk_size: int
     names: tuple[str, ...]
+    window_keys: torch.Tensor | None = None
+    window_values: torch.Tensor | None = None
     common_seen: int | None = None
 
     @property
@@ -444,22 +449,51 @@ class ChunkSchedule:
     def split(
         self, t: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
-        """A stream in the layout -> the first run, the :attr:`whole` chunks stacked (chunks, batch, heads, size, ...), and the other
-        chunks one by one; contiguous (chunk-major: no copy in every matmul; unbind, not slicing per chunk, keeps the
-        backward of the split linear in length)."""
+        """A stream in the layout -> the first run, the :attr:`whole` chunks stacked (chunks, batch, heads, size,
+        ...), and the other chunks one by one; contiguous (chunk-major: no copy in every matmul; unbind, not slicing
+        per chunk, keeps the backward of the split linear in length)."""
         if t is None:
             return None, None, [None] * (self.chunks - self.whole)
         major = self.chunk_major(t)
         return t[:, :, : self.first_run], major[: self.whole], list(major[self.whole :].unbind(0))
 
     def chunk_major(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """The whole chunks of a stream in the layout (batch, heads, positions, ...) as one contiguous (chunks, batch, heads,
-        size, ...) tensor."""
+        """The whole chunks of a stream in the layout (batch, heads, positions, ...) as one contiguous (chunks, batch,
+        heads, size, ...) tensor."""
         if t is None:
             return None
         batch, heads = t.shape[:2]
         rest = t[:, :, self.first_run :].reshape(batch, heads, self.chunks, self.size, *t.shape[3:])
         return rest.permute(2, 0, 1, *range(3, rest.dim())).contiguous()
+
+    def windows(
+        self, extended: torch.Tensor | None, window: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+        """:meth:`split` for the gradient tokens of a rule whose step mixes a window of ``window`` tokens: each run's
+        tokens preceded by the ``window - 1`` real tokens before its first one (``size + window - 1`` per chunk).
+
+        ``extended`` (batch, heads, window - 1 + length, ...): the stream's last ``window - 1`` real tokens before the
+        block, then the block's packed tokens. Runs overlap by ``window - 1`` tokens (their gradients flow back to
+        both)."""
+        if extended is None:
+            return None, None, [None] * (self.chunks - self.whole)
+        extra, sizes = window - 1, [self.first_run] + [self.size] * self.chunks
+        starts = [0] + [self.first_run + n * self.size for n in range(self.chunks)]  # each run's first position
+        if self.token is None:  # the identity layout: positions are tokens (zeros past the block)
+            extended = _pad_time(extended, extra + self.positions)
+            runs = [extended[:, :, a : a + n + extra] for a, n in zip(starts, sizes)]
+            whole = None
+            if self.whole:
+                whole = extended[:, :, self.first_run : self.first_run + self.whole * self.size + extra]
+                whole = whole.unfold(2, self.size + extra, self.size)  # (batch, heads, chunks, ..., size + extra)
+                whole = whole.movedim(-1, 3).movedim(2, 0).contiguous()
+            return runs[0], whole, runs[1 + self.whole :]
+        runs = []  # padded rows or rows at different places: each row's run starts at its own token
+        for a, n in zip(starts, sizes):
+            first_token = self.token[:, a : a + 1] if a < self.positions else self.token[:, :1]
+            index = (first_token + torch.arange(n + extra, device=self.token.device)).clamp(max=extended.shape[2] - 1)
+            runs.append(_gather_time(extended.transpose(1, 2), index, dim=1).transpose(1, 2))
+        return runs[0], None, runs[1:]
 
     def join(self, reads: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`split` for the runs' reads (runs with no position are absent)."""
@@ -704,6 +738,11 @@ class NeuralMemory(nn.Module):
                 dtype=self.qkv_proj.weight.dtype,
             )
         matrices, chunk_weights = zip(*(self.rule.initial_state(w) for w in weights))
+        past = None  # the window's tokens before the stream: zeros (their gradient is zero)
+        if self.rule.window > 1:
+            past = torch.zeros(
+                batch_size, self.num_heads, self.rule.window - 1, self.head_dim, device=device, dtype=dtype
+            )
         return NeuralMemoryState(
             matrices=list(matrices),
             chunk_weights=list(chunk_weights),
@@ -712,6 +751,8 @@ class NeuralMemory(nn.Module):
             seen=torch.zeros(batch_size, dtype=torch.long, device=device),
             chunk_size=self.chunk_size,
             names=self.rule.matrix_names(),
+            window_keys=past,
+            window_values=past,
             common_seen=0,
         )
 
@@ -848,10 +889,19 @@ class NeuralMemory(nn.Module):
         if schedule is None:  # no real token in any sequence
             return q.new_zeros(q.shape), state, []
         laid_out = tokens.apply(schedule.to_layout)
-        streams = (laid_out.queries, laid_out.keys, self._targets(laid_out.keys, laid_out.values))
-        streams += (self.rule.error_params(laid_out.gates), laid_out.lr, laid_out.log_momentum)
-        streams += (laid_out.log_retention, laid_out.gates)
-        first, whole, rest = zip(*(schedule.split(t) for t in streams))
+        window = self.rule.window
+        if window == 1:  # the gradient tokens are the reading tokens
+            gradient_tokens = (laid_out.keys, self._targets(laid_out.keys, laid_out.values))
+            gradient_tokens += (self.rule.error_params(laid_out.gates),)
+            gradient_tokens = [schedule.split(t) for t in gradient_tokens]
+        else:  # each run's tokens and the window - 1 before them
+            keys = torch.cat([state.window_keys, tokens.keys], dim=2)
+            values = torch.cat([state.window_values, tokens.values], dim=2)
+            gradient_tokens = [schedule.windows(t, window) for t in (keys, self._targets(keys, values), None)]
+        step_tokens = (laid_out.queries, laid_out.lr, laid_out.log_momentum, laid_out.log_retention, laid_out.gates)
+        step_tokens = [schedule.split(t) for t in step_tokens]
+        # Per stream, (first run, whole chunks, other runs): queries, keys, targets, params, gates.
+        first, whole, rest = zip(*(step_tokens[:1] + gradient_tokens + step_tokens[1:]))
         anchors = self._anchors(q.dtype)
         # The weights at every chunk start, if asked: pieces of (boundaries, batch, heads, d_in, d_out) per layer,
         # joined once (one select per chunk would give the backward a full-size zero gradient per chunk).
@@ -870,6 +920,14 @@ class NeuralMemory(nn.Module):
             reads = reads + laid_out.queries
         common_seen = None if counts is not None or state.common_seen is None else state.common_seen + length
         new_state = self._new_state(state, carry, anchors, state.seen + schedule.written, common_seen)
+        if window > 1:  # the last window - 1 real tokens, copied out (a view would keep the block alive)
+            last = None if counts is None else counts.unsqueeze(1) + torch.arange(window - 1, device=counts.device)
+            new_state.window_keys, new_state.window_values = (
+                t[:, :, -(window - 1) :].clone()
+                if last is None
+                else _gather_time(t.transpose(1, 2), last, 1).transpose(1, 2)
+                for t in (keys, values)
+            )
         return schedule.to_tokens(reads), new_state, starts
 
     def _targets(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -1001,6 +1059,8 @@ class NeuralMemory(nn.Module):
             seen=seen,
             chunk_size=self.chunk_size,
             names=state.names,
+            window_keys=state.window_keys,
+            window_values=state.window_values,
             common_seen=common_seen,
         )
 
@@ -1024,9 +1084,11 @@ class NeuralMemory(nn.Module):
         boundary the chunk closes as in :meth:`_run_chunks`. Cached decoding is tested against the full (chunked)
         pass for every variant and rule.
         """
-        q, k = tokens.queries, tokens.keys
+        q, k, v = tokens.queries, tokens.keys, tokens.values
+        if self.rule.window > 1:  # the token and the window - 1 before it
+            k, v = torch.cat([state.window_keys, k], dim=2), torch.cat([state.window_values, v], dim=2)
         params = self.rule.error_params(tokens.gates)
-        key_side = KeySide.forward(self.rule, state.chunk_weights, k, params, targets=self._targets(k, tokens.values))
+        key_side = KeySide.forward(self.rule, state.chunk_weights, k, params, targets=self._targets(k, v))
         lr_before = state.chunk_lr if self.rule.budget else None
         c = self.rule.coefficients(tokens.lr, tokens.log_momentum, tokens.log_retention, tokens.gates, None, lr_before)
         c = key_side.coefficients(c)
@@ -1050,6 +1112,8 @@ class NeuralMemory(nn.Module):
             seen=state.seen + 1,
             chunk_size=self.chunk_size,
             names=state.names,
+            window_keys=None if state.window_keys is None else k[:, :, 1:].clone(),
+            window_values=None if state.window_values is None else v[:, :, 1:].clone(),
             common_seen=None if state.common_seen is None else state.common_seen + 1,
         )
         reads = memory_mlp(new_state.weights, q, self.residual)
@@ -1153,6 +1217,12 @@ class NeuralMemory(nn.Module):
         found_conv = None if state.conv is None else tuple(state.conv.shape)
         if found_conv != expected_conv:
             raise ValueError(f"state conv tail has shape {found_conv}, expected {expected_conv}: another conv_kernel?")
+        window = self.rule.window
+        expected_window = None if window == 1 else (batch_size, self.num_heads, window - 1, self.head_dim)
+        for name in ("window_keys", "window_values"):
+            found = None if getattr(state, name) is None else tuple(getattr(state, name).shape)
+            if found != expected_window:
+                raise ValueError(f"state {name} has shape {found}, expected {expected_window}: another window?")
 
     def extra_repr(self) -> str:
         return (
