@@ -1,6 +1,6 @@
 """Property-based tests (issue #7): small random configurations, batches, split points and padding.
 
-For every drawn example: the configuration builds, the full forward is finite, decoding the same tokens in random
+For every drawn example (every memory rule among them): the configuration builds, the full forward is finite, decoding the same tokens in random
 pieces with a ``TitansCache`` gives the full forward's logits (float64, to 1e-10), the cache counts the tokens, and
 each row of a padded batch equals that row run alone without its padding.
 
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from tiny import tiny_model
 
 from titans_hf import TitansCache
+from titans_hf.rule_registry import MEMORY_RULES
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
 EXAMPLES = int(os.environ.get("TITANS_FUZZ_EXAMPLES", "25"))
@@ -37,6 +38,19 @@ def configurations(draw) -> dict:
     head_dim = draw(st.sampled_from([2, 4, 6]))
     memory_heads = draw(st.sampled_from([1, 2]))
     chunk = draw(st.integers(1, 5))
+    rule = draw(st.sampled_from(sorted(MEMORY_RULES)))
+    if rule == "titans-hf":
+        # 0.05: the budget binds from the first token on; 4: a budget over the stable range.
+        max_lr = draw(st.sampled_from([0.05, 1.0, 4.0]))
+        max_weight_rms = draw(st.sampled_from([None, 1.0, 0.05]))  # 0.05: the safeguard acts all the time
+    else:  # the papers' rules have no budget: past a small learning rate they need the safeguard to stay finite
+        max_lr = draw(st.sampled_from([0.05, 0.3]))
+        max_weight_rms = draw(st.sampled_from([None, 1.0, 0.05] if max_lr == 0.05 else [1.0, 0.05]))
+    settings = {
+        "moneta": dict(moneta_p=draw(st.sampled_from([1.5, 3.0])), moneta_q=draw(st.sampled_from([2.0, 4.0]))),
+        "yaad": dict(yaad_threshold=draw(st.sampled_from([0.1, 0.5, 2.0]))),
+        "omega": dict(omega_window=draw(st.integers(1, 4))),
+    }.get(rule, {})
     return dict(
         variant=variant,
         vocab_size=32,
@@ -62,9 +76,10 @@ def configurations(draw) -> dict:
         mac_memory_input=draw(st.sampled_from(["input", "attention"])),
         memory_momentum=draw(st.booleans()),
         memory_forget=draw(st.booleans()),
-        # 0.05: the budget binds from the first token on; 4: a budget over the stable range.
-        memory_max_lr=draw(st.sampled_from([0.05, 1.0, 4.0])),
-        memory_max_weight_rms=draw(st.sampled_from([None, 1.0, 0.05])),  # 0.05: the safeguard acts all the time
+        memory_rule=rule,
+        memory_max_lr=max_lr,
+        memory_max_weight_rms=max_weight_rms,
+        **settings,
         pad_token_id=0,
         bos_token_id=None,
         eos_token_id=None,

@@ -9,15 +9,21 @@ import dataclasses
 import pytest
 import torch
 from reference_rules import moneta_reference, titans_reference, yaad_reference
+from tiny import VARIANTS, random_ids, tiny_model
 from torch.func import functional_call
 
-from titans_hf import TitansConfig, memory_ops
+from titans_hf import TitansCache, TitansConfig, memory_ops
 from titans_hf.memory_ops import ChunkFunction, ChunkScan, chunk_forward
 from titans_hf.memory_rule import ChunkCoefficients
 from titans_hf.neural_memory import NeuralMemory, NeuralMemoryState
 from titans_hf.rule_registry import MEMORY_RULES, rule_class
 
-TWINS = {"titans": titans_reference, "moneta": moneta_reference, "yaad": yaad_reference}
+
+def omega_reference(memory, x):
+    return titans_reference(memory, x, memory.rule.window, memory.rule.rule_gates(x))
+
+
+TWINS = {"titans": titans_reference, "moneta": moneta_reference, "yaad": yaad_reference, "omega": omega_reference}
 RULES = sorted(TWINS)
 
 
@@ -38,6 +44,9 @@ def make_memory(rule: str, seed: int = 0, **kwargs) -> NeuralMemory:
         if rule == "yaad":  # thresholds around the errors' norms: both branches are taken
             memory.rule.threshold_proj.weight.normal_(0.0, 0.5)
             memory.rule.threshold_proj.bias.fill_(0.0)
+        if rule == "omega" and memory.rule.window_proj is not None:
+            memory.rule.window_proj.weight.normal_(0.0, 0.5)
+            memory.rule.window_proj.bias.normal_(0.0, 1.0)
     return memory
 
 
@@ -86,6 +95,25 @@ def test_yaad_takes_both_branches():
     error = memory_ops.memory_mlp(weights, torch.nn.functional.normalize(k, dim=-1), True) - v
     small = error.norm(dim=-1) <= delta
     assert small.any() and not small.all()
+
+
+def test_omega_with_a_window_of_one_is_the_titans_rule():
+    omega = make_memory("omega", omega_window=1)
+    titans = make_memory("titans")
+    x = inputs(batch=2, length=19)
+    assert torch.equal(omega(x)[0], titans(x)[0])
+
+
+@pytest.mark.parametrize("window", [2, 6])
+def test_omega_windows_span_chunks_and_calls(window):
+    """Windows longer and shorter than a chunk (4), across chunk boundaries and calls, with the twin."""
+    memory = make_memory("omega", omega_window=window)
+    x = inputs(batch=1, length=15)
+    out, _, _ = memory(x)
+    torch.testing.assert_close(out[0], omega_reference(memory, x[0]), atol=1e-10, rtol=0)
+    first, state, _ = memory(x[:, :6])
+    second, _, _ = memory(x[:, 6:], state)
+    torch.testing.assert_close(torch.cat([first, second], 1), out, atol=1e-12, rtol=0)
 
 
 def test_moneta_with_p_2_and_q_2_is_gradient_descent_on_l2():
@@ -188,14 +216,17 @@ def test_hand_written_backward_equals_autograd(rule, momentum, monkeypatch):
     scale = torch.tensor([2.0, 0.1], dtype=torch.float64).view(batch, 1, 1, 1, 1)  # above and below the cap
     running = [scale * torch.randn(batch, heads, slots, a, b, dtype=torch.float64) for a, b in shapes]
     boundary = [torch.randn(batch, heads, a, b, dtype=torch.float64) for a, b in shapes]
-    q, k, t = (torch.randn(chunks, batch, heads, size, dim, dtype=torch.float64) for _ in range(3))
+    extra = rule_.window - 1  # the gradient tokens of a window rule: the window's earlier ones first
+    q = torch.randn(chunks, batch, heads, size, dim, dtype=torch.float64)
+    k, t = (torch.randn(chunks, batch, heads, size + extra, dim, dtype=torch.float64) for _ in range(2))
+    gates = None if not extra else torch.rand(chunks, batch, heads, size, extra, dtype=torch.float64)
     params = None
     if rule == "yaad":
         params = 0.2 + 2.0 * torch.rand(chunks, batch, heads, size, 1, dtype=torch.float64)
     lr = torch.rand(chunks, batch, heads, size, dtype=torch.float64)
     log_momentum = -torch.rand(chunks, batch, heads, size, dtype=torch.float64) if momentum else None
     log_retention = -0.1 * torch.rand(chunks, batch, heads, size, dtype=torch.float64)
-    coefficients = rule_.coefficients(lr, log_momentum, log_retention, None)
+    coefficients = rule_.coefficients(lr, log_momentum, log_retention, gates)
     tensors = (q, k, t, params, *fields_of(coefficients), *running, *boundary)
     leaves = [None if x is None else x.requires_grad_(True) for x in tensors]
     depth = len(shapes)
@@ -263,7 +294,11 @@ def test_config_rules_their_settings_and_defaults():
     again = TitansConfig.from_dict(mine.to_dict())
     assert (again.memory_max_lr, again.memory_max_weight_rms, again.yaad_threshold) == (0.5, 2.0, 1.0)
     for kwargs, match in (
-        (dict(memory_rule="miras"), r"memory_rule must be one of \['moneta', 'titans', 'titans-hf', 'yaad'\]"),
+        (
+            dict(memory_rule="miras"),
+            r"memory_rule must be one of \['moneta', 'omega', 'titans', 'titans-hf', 'yaad'\]",
+        ),
+        (dict(memory_rule="omega", omega_window=0), "omega_window must be an integer >= 1"),
         (dict(memory_rule="titans", moneta_p=3), "moneta_p is a setting of memory_rule='moneta'"),
         (dict(memory_rule="moneta", moneta_q=1), "moneta_q must be a number > 1"),
         (dict(memory_rule="yaad", yaad_threshold=-1.0), "yaad_threshold must be a finite number > 0"),
@@ -285,3 +320,41 @@ def test_the_memory_module_takes_the_rules_defaults(rule):
         defaults["momentum"],
         defaults["max_weight_rms"],
     )
+
+
+# ----------------------------------------------------------------------------------------------------- in the model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rule", RULES)
+def test_in_every_variant_cached_decoding_padding_and_snapshots_are_exact(rule, variant, tmp_path):
+    """Each rule in each variant, float64: cached decoding (token by token, and chunked prefills across window,
+    chunk and segment boundaries) equals the full forward at every position; a left-padded batch fed in pieces equals
+    each sequence alone; a saved and reloaded cache continues identically. (The tiny models' stirred gates make the
+    papers' rules, which have no budget, diverge within these 29 tokens: the safeguard keeps them finite, and acts.)"""
+    settings = {"omega": {"omega_window": 3}}.get(rule, {})
+    model = tiny_model(variant, memory_rule=rule, memory_max_weight_rms=1.0, **settings)
+    x = random_ids(length=29)
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        for cuts in (list(range(1, 30)), [3, 7, 8, 16, 17, 25, 29]):
+            cache, pieces, start = TitansCache(model.config), [], 0
+            for end in cuts:
+                pieces.append(model(x[:, start:end], cache=cache).logits)
+                start = end
+            torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-9, rtol=0)
+        # A snapshot of the cache after 16 tokens continues as the live cache does.
+        cache = TitansCache(model.config)
+        model(x[:, :16], cache=cache)
+        cache.save(tmp_path / "cache.safetensors")
+        restored = TitansCache.load(tmp_path / "cache.safetensors", model.config)
+        assert torch.equal(model(x[:, 16:], cache=restored).logits, model(x[:, 16:], cache=cache).logits)
+        # Left padding, in pieces, equals each sequence alone.
+        mask = torch.ones_like(x)
+        mask[0, :11] = 0
+        padded, cache, start = [], TitansCache(model.config), 0
+        for end in (5, 12, 13, 29):
+            padded.append(model(x[:, start:end], attention_mask=mask[:, :end], cache=cache).logits)
+            start = end
+        alone = model(x[:1, 11:], use_cache=False).logits
+        torch.testing.assert_close(torch.cat(padded, 1)[:1, 11:], alone, atol=1e-9, rtol=0)

@@ -1,18 +1,25 @@
 # Copyright 2026 The titans-hf developers. Licensed under the Apache License, Version 2.0.
 """The memory rules by their ``memory_rule`` name (``TitansConfig(memory_rule=...)``). A new rule is a flat sibling
-module ``rule_<name>.py`` defining a :class:`~memory_rule.MemoryRule` subclass, and one line here."""
+module ``rule_<name>.py`` defining a :class:`~memory_rule.MemoryRule` subclass, imported here and listed in
+:data:`RULES`."""
 
 from __future__ import annotations
 
 from .memory_rule import MemoryRule
 from .rule_moneta import MonetaRule
+from .rule_omega import OmegaRule
 from .rule_titans import TitansRule
 from .rule_titans_hf import TitansHFRule
 from .rule_yaad import YaadRule
 
-MEMORY_RULES: dict[str, type[MemoryRule]] = {
-    rule.name: rule for rule in (TitansHFRule, TitansRule, MonetaRule, YaadRule)
-}
+RULES: tuple[type[MemoryRule], ...] = (
+    TitansHFRule,
+    TitansRule,
+    MonetaRule,
+    YaadRule,
+    OmegaRule,
+)
+MEMORY_RULES: dict[str, type[MemoryRule]] = {rule.name: rule for rule in RULES}
 
 
 def rule_class(name: str) -> type[MemoryRule]:
