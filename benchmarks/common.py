@@ -195,7 +195,8 @@ def apply_memory_overrides(model: torch.nn.Module, overrides: dict) -> None:
 
 
 def parse_assignments(text: str) -> dict:
-    """``"a=0.5,b=none,c=true,d=[0;1]"`` -> ``{"a": 0.5, "b": None, "c": True, "d": [0, 1]}`` (ints stay ints)."""
+    """``"a=0.5,b=none,c=true,d=[0;1],e=titans"`` -> ``{"a": 0.5, "b": None, "c": True, "d": [0, 1], "e": "titans"}``
+    (ints stay ints; what is not a number is a string)."""
     out = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, value = item.split("=", 1)
@@ -210,7 +211,10 @@ def parse_assignments(text: str) -> dict:
             try:
                 out[key.strip()] = int(value)
             except ValueError:
-                out[key.strip()] = float(value)
+                try:
+                    out[key.strip()] = float(value)
+                except ValueError:
+                    out[key.strip()] = value.strip()
     return out
 
 

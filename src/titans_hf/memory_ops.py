@@ -307,6 +307,15 @@ def _accumulate(total: torch.Tensor | None, value: torch.Tensor | None) -> torch
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _save_run(ctx, rule: MemoryRule, queries, keys, params, coefficients: list, residual, **more) -> None:
+    """What both closed-form functions keep for their backward: the rule, the run's inputs and residuals, and
+    ``more`` (named tensors or lists of them, read back by name with :func:`_saved`). The gradients of outputs that
+    are not used arrive as ``None``."""
+    ctx.rule = rule
+    ctx.set_materialize_grads(False)
+    _save(ctx, queries=queries, keys=keys, params=params, coefficients=coefficients, residual=residual, **more)
+
+
 def _save(ctx, **groups: torch.Tensor | list[torch.Tensor] | None) -> None:
     """Saves named tensors and lists of tensors for the backward (read back with :func:`_saved`)."""
     flat, layout = [], []
@@ -354,20 +363,9 @@ class ChunkFunction(torch.autograd.Function):
         reads, new_states, (residual, query_pre) = chunk_forward(
             rule, states, gradient_weights, queries, keys, targets, params, coefficients, anchors or None
         )
-        ctx.rule = rule
-        ctx.set_materialize_grads(False)
-        _save(
-            ctx,
-            queries=queries,
-            keys=keys,
-            params=params,
-            coefficients=[read, gain, write, transition],
-            residual=residual,
-            weights=gradient_weights,
-            states=states,
-            anchors=anchors,
-            query_pre=query_pre,
-        )
+        coefficients = [read, gain, write, transition]
+        more = dict(weights=gradient_weights, states=states, anchors=anchors, query_pre=query_pre)
+        _save_run(ctx, rule, queries, keys, params, coefficients, residual, **more)
         return (reads, *new_states)
 
     @staticmethod
@@ -593,24 +591,15 @@ class CausalConvSiLU(torch.autograd.Function):
         return d_padded, d_weight
 
 
-def chunk_update(
-    rule: MemoryRule,
-    states: list[torch.Tensor],
-    gradient_weights: list[torch.Tensor],
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    targets: torch.Tensor,
-    params: torch.Tensor | None,
-    c: ChunkCoefficients,
-    anchors: list[torch.Tensor] | None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def chunk_update(*inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`chunk_forward` (same arguments) without its intermediates, through :class:`ChunkFunction` when gradients
     are needed."""
+    rule, states, gradient_weights, queries, keys, targets, params, c, anchors = inputs
     flat = (queries, keys, targets, params, *c.fields(), *gradient_weights, *states, *(anchors or ()))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat):
         reads, *new_states = ChunkFunction.apply(rule, len(states), *flat)
         return reads, new_states
-    reads, new_states, _ = chunk_forward(rule, states, gradient_weights, queries, keys, targets, params, c, anchors)
+    reads, new_states, _ = chunk_forward(*inputs)
     return reads, new_states
 
 
@@ -743,21 +732,9 @@ class ChunkScan(torch.autograd.Function):
         reads, running, starts, states, bounds, query_pre, residual = _scan_forward(
             rule, all_starts, queries, keys, targets, params, coefficients, running, boundary, anchors or None
         )
-        ctx.rule = rule
-        ctx.set_materialize_grads(False)
-        _save(
-            ctx,
-            queries=queries,
-            keys=keys,
-            params=params,
-            coefficients=[read, gain, write, transition],
-            residual=residual,
-            boundary=boundary,
-            anchors=anchors,
-            states=states,
-            query_pre=query_pre,
-            bounds=bounds,
-        )
+        coefficients = [read, gain, write, transition]
+        more = dict(boundary=boundary, anchors=anchors, states=states, query_pre=query_pre, bounds=bounds)
+        _save_run(ctx, rule, queries, keys, params, coefficients, residual, **more)
         return (reads, *running, *starts)
 
     @staticmethod

@@ -36,6 +36,7 @@ from torch import nn
 __all__ = [
     "ChunkCoefficients",
     "MemoryRule",
+    "Run",
     "Setting",
     "check_memory_arguments",
     "linear_recurrence",
@@ -168,6 +169,16 @@ def linear_recurrence(
         [torch.stack([at_last(beta), at_last(f)], -1), torch.stack([zero, at_last(m)], -1)], dim=-2
     )
     return ChunkCoefficients(read, gain, write, transition)
+
+
+@dataclass
+class Run:
+    """What a rule's :meth:`MemoryRule.extend` may need of the run: the learning rates of the chunk's tokens before
+    it, summed (``None``: a run from a chunk boundary), the budget's scale and the token the state is carried from."""
+
+    lr_before: torch.Tensor | None
+    scale: torch.Tensor | None
+    last: torch.Tensor | None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,9 +388,20 @@ class MemoryRule(nn.Module):
         lr_before: torch.Tensor | None = None,
     ) -> ChunkCoefficients:
         """The run's :class:`ChunkCoefficients` from its per-token gates ``theta``, ``log eta``, ``log r`` (..., C)
-        and rule gates (..., C, gates): on the carried matrices; ``lr_before`` (the learning rates of the chunk's
-        tokens before this run, summed) is given for a run that continues a chunk, and used by rules with a budget."""
-        return linear_recurrence(self.steps(lr, log_momentum, gates), log_momentum, log_retention, last)
+        and rule gates (..., C, gates), on the carried matrices: :func:`linear_recurrence` of :meth:`steps`, scaled
+        by :meth:`budget` and completed by :meth:`extend`. ``lr_before`` (the learning rates of the chunk's tokens
+        before this run, summed) is given for a run that continues a chunk, with a budget."""
+        run = Run(lr_before, self.budget_scale(lr, lr_before), last)
+        c = linear_recurrence(self.steps(lr, log_momentum, gates), log_momentum, log_retention, last, run.scale)
+        return self.extend(c, run)
+
+    def budget_scale(self, lr: torch.Tensor, lr_before: torch.Tensor | None) -> torch.Tensor | None:
+        """A factor of every step of the run up to token ``i``, seen from token ``i`` (..., C); ``None``: none."""
+        return None
+
+    def extend(self, c: ChunkCoefficients, run: Run) -> ChunkCoefficients:
+        """The coefficients on the rule's own matrices beyond ``[D; S]`` (here none)."""
+        return c
 
     # ---------------------------------------------------------------------------------------------- boundaries
 

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .memory_rule import ChunkCoefficients, MemoryRule, Setting, linear_recurrence
+from .memory_rule import ChunkCoefficients, MemoryRule, Run, Setting
 
 #: The smoothing of |x| in the l_p loss (the paper's epsilon).
 EPSILON = 1e-6
@@ -77,17 +77,8 @@ class MonetaRule(MemoryRule):
         stack[:, :, 0] = normalised
         return stack, normalised
 
-    def coefficients(
-        self,
-        lr: torch.Tensor,
-        log_momentum: torch.Tensor | None,
-        log_retention: torch.Tensor,
-        gates: torch.Tensor | None,
-        last: torch.Tensor | None = None,
-        lr_before: torch.Tensor | None = None,
-    ) -> ChunkCoefficients:
+    def extend(self, c: ChunkCoefficients, run: Run) -> ChunkCoefficients:
         """Gradient descent's coefficients on ``[W; S]``, with ``A`` moving like ``W`` and never read."""
-        c = linear_recurrence(self.steps(lr, log_momentum, gates), log_momentum, log_retention, last)
         read = torch.cat([c.read, torch.zeros_like(c.read[..., :1])], dim=-1)
         write = torch.cat([c.write, c.write[..., :1]], dim=-1)
         top = torch.cat([c.transition, torch.zeros_like(c.transition[..., :1])], dim=-1)

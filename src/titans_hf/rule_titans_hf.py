@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .memory_rule import ChunkCoefficients, MemoryRule, linear_recurrence
+from .memory_rule import ChunkCoefficients, MemoryRule, Run
 
 
 class TitansHFRule(MemoryRule):
@@ -37,27 +37,21 @@ class TitansHFRule(MemoryRule):
         without momentum."""
         return -2.0 * lr if log_momentum is None else 2.0 * lr * torch.expm1(log_momentum)
 
-    def coefficients(
-        self,
-        lr: torch.Tensor,
-        log_momentum: torch.Tensor | None,
-        log_retention: torch.Tensor,
-        gates: torch.Tensor | None,
-        last: torch.Tensor | None = None,
-        lr_before: torch.Tensor | None = None,
-    ) -> ChunkCoefficients:
-        """On ``[D; S]`` for a run from a chunk boundary (``lr_before`` ``None``), on ``[D; S; A; B]`` for a run that
-        continues a chunk or may stop inside one: the steps of the chunk up to token ``i`` are scaled by ``1 / n_i``
-        (the budget), so the chunk's earlier update ``[A; B]`` shrinks by ``rho_i = n_p / n_i`` as the budget fills."""
+    def budget_scale(self, lr: torch.Tensor, lr_before: torch.Tensor | None) -> torch.Tensor:
+        """``1 / n_i``: the steps of the chunk up to token ``i`` share a learning rate of at most ``max_lr``."""
         before = 0.0 if lr_before is None else lr_before.unsqueeze(-1)
-        scale = 1.0 / torch.clamp((before + torch.cumsum(lr, dim=-1)) / self.max_lr, min=1.0)  # 1 / n_i
-        c = linear_recurrence(self.steps(lr, log_momentum, gates), log_momentum, log_retention, last, scale)
-        if lr_before is None:
+        return 1.0 / torch.clamp((before + torch.cumsum(lr, dim=-1)) / self.max_lr, min=1.0)
+
+    def extend(self, c: ChunkCoefficients, run: Run) -> ChunkCoefficients:
+        """On ``[D; S]`` for a run from a chunk boundary (``run.lr_before`` ``None``), on ``[D; S; A; B]`` for a run that
+        continues a chunk or may stop inside one: the chunk's earlier update ``[A; B]`` evolves like ``[D; S]`` and
+        shrinks by ``rho_i = n_p / n_i`` as the budget fills: read ``[r, (rho - 1) r]``, transition ``[[T, (rho_L -
+        1) T], [0, rho_L T]]``, write ``[w, w]``."""
+        if run.lr_before is None:
             return c
-        # [A; B] evolves like [D; S] and shrinks by n_p / n_i: on [D; S; A; B], read [r, (rho - 1) r], transition
-        # [[T, (rho_L - 1) T], [0, rho_L T]], write [w, w].
-        rho = torch.clamp(lr_before / self.max_lr, min=1.0).unsqueeze(-1) * scale  # n_p / n_i
-        rho_last = (rho[..., -1] if last is None else rho.gather(-1, last.unsqueeze(-1)).squeeze(-1))[..., None, None]
+        rho = torch.clamp(run.lr_before / self.max_lr, min=1.0).unsqueeze(-1) * run.scale  # n_p / n_i
+        last = rho[..., -1] if run.last is None else rho.gather(-1, run.last.unsqueeze(-1)).squeeze(-1)
+        rho_last = last[..., None, None]
         read = torch.cat([c.read, (rho - 1).unsqueeze(-1) * c.read], dim=-1)
         top = torch.cat([c.transition, (rho_last - 1) * c.transition], dim=-1)
         bottom = torch.cat([torch.zeros_like(c.transition), rho_last * c.transition], dim=-1)
