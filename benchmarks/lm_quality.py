@@ -155,8 +155,18 @@ def extrapolation(model, spans: torch.Tensor, kind: str, seq_len: int, batch: in
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def trained(result: dict) -> dict[str, list[dict]]:
+    """The runs of every model that did not diverge (models with none left out)."""
+    runs = {name: [r for r in model_runs if "diverged" not in r] for name, model_runs in result["runs"].items()}
+    return {name: model_runs for name, model_runs in runs.items() if model_runs}
+
+
 def summarize(result: dict) -> tuple[str, str, list[str]]:
-    runs = result["runs"]
+    """The tables and verdicts, over the runs that trained (a diverged run is counted in the verdicts' lines)."""
+    diverged = {
+        name: [r["seed"] for r in model_runs if "diverged" in r] for name, model_runs in result["runs"].items()
+    }
+    runs = trained(result)
     llama = spread([r["bpb"]["1x"] for r in runs["llama"]]) if "llama" in runs else None
     rows = []
     for name, model_runs in runs.items():
@@ -196,6 +206,9 @@ def summarize(result: dict) -> tuple[str, str, list[str]]:
                 if name in ("mag", "mac"):
                     better = "; better than Llama: " + ("yes" if rel < 0 else "NO")
                 verdict.append(f"- {LABELS[name]}: {100 * rel:+.2f}% bits/byte vs Llama (within 2%: {status}){better}")
+    for name, seeds in diverged.items():
+        if seeds:
+            verdict.append(f"- {LABELS[name]}: DIVERGED in seeds {seeds} (left out of the tables)")
     for name, model_runs in runs.items():
         one = spread([r["bpb"]["1x"] for r in model_runs])["mean"]
         sixteen = spread([r["bpb"]["16x"] for r in model_runs])["mean"]
@@ -209,7 +222,7 @@ def summarize(result: dict) -> tuple[str, str, list[str]]:
 def plot_curves(result: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, model_runs in result["runs"].items():
+    for name, model_runs in trained(result).items():
         steps = [s for s, _ in model_runs[0]["curve"]]
         values = [[v / LN2 for _, v in r["curve"]] for r in model_runs]
         mean = [sum(col) / len(col) for col in zip(*values)]
@@ -232,7 +245,7 @@ def plot_curves(result: dict, path: Path) -> None:
 def plot_extrapolation(result: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, model_runs in result["runs"].items():
+    for name, model_runs in trained(result).items():
         means, lo, hi = [], [], []
         for m in MULTIPLES:
             s = spread([r["bpb"][f"{m}x"] for r in model_runs])
@@ -370,7 +383,12 @@ def main(argv=None) -> dict:
                 ids = crops.batch(generator, args.batch)
                 return ids, ids
 
-            result = train(model, batches, settings, desc=f"lm {name} seed {seed}")
+            try:
+                result = train(model, batches, settings, desc=f"lm {name} seed {seed}")
+            except FloatingPointError as error:  # a memory rule that diverges: recorded, not fatal to the others
+                runs[name].append({"seed": seed, "diverged": str(error), "parameters": count_parameters(model)})
+                log(f"  {LABELS[name]:<14} seed {seed}: DIVERGED ({error})")
+                continue
             tail = result["curve"][-max(1, len(result["curve"]) // 10) :]
             eval_start = time.perf_counter()
             bpb = extrapolation(model, spans, name, args.seq_len, args.batch)

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import math
 import multiprocessing
 import sys
 import time
@@ -314,7 +315,10 @@ def run_job(job: Job) -> dict:
         return input_ids, labels
 
     cpu = time.process_time()
-    result = train(model, batches, job.settings, desc=f"{task.name} {name} seed {seed}")
+    try:
+        result = train(model, batches, job.settings, desc=f"{task.name} {name} seed {seed}")
+    except FloatingPointError as error:  # a memory rule that diverges: recorded, not fatal to the other runs
+        return diverged_run(job, str(error), time.process_time() - cpu, count_parameters(model))
     correct, dist, seq = evaluate(model, job.evaluation)
     beyond, within = accuracy(correct[dist > reach]), accuracy(correct[dist <= reach])
     writes_off = None
@@ -349,6 +353,28 @@ def run_job(job: Job) -> dict:
         f"writes off {_pct(writes_off)}  {swept}  loss {run['final_loss']:.3f}  {result['seconds']:.0f}s"
     )
     return run
+
+
+def diverged_run(job: Job, error: str, cpu_seconds: float, parameters: int) -> dict:
+    """The record of a run whose training loss became non-finite: no accuracy, the error kept."""
+    task = job.task
+    return {
+        "model": job.name,
+        "seed": job.seed,
+        "bins": [None] * (len(job.edges) - 1),
+        "beyond": None,
+        "within": None,
+        "whole_key_beyond": None,
+        "writes_off_beyond": None,
+        "distance_sweep": {str(gap): {"accuracy": None} for gap in job.far},
+        "final_loss": math.nan,
+        "curve": [],
+        "train_seconds": None,
+        "cpu_seconds": cpu_seconds,
+        "parameters": parameters,
+        "diverged": error,
+        "line": f"  {task.name} {LABELS[job.name]:<14} seed {job.seed}: DIVERGED ({error})",
+    }
 
 
 def run_task(
@@ -545,7 +571,10 @@ def plot(results: list[dict], path: Path) -> None:
                     lo.append(100 * (sp["mean"] - sp["min"]))
                     hi.append(100 * (sp["max"] - sp["mean"]))
             style = "--" if name in BASELINES else "-"
-            ax.errorbar(xs, ys, yerr=[lo, hi], label=LABELS[name], color=COLORS[name], ls=style, marker="o", capsize=3)
+            if xs:  # (a model whose runs all diverged has no point)
+                ax.errorbar(
+                    xs, ys, yerr=[lo, hi], label=LABELS[name], color=COLORS[name], ls=style, marker="o", capsize=3
+                )
         ax.axhline(100 * result["chance"], color="gray", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("distractor span (tokens); first point: the trained spans")
@@ -567,7 +596,10 @@ def plot(results: list[dict], path: Path) -> None:
                     lo.append(100 * (s["mean"] - s["min"]))
                     hi.append(100 * (s["max"] - s["mean"]))
             style = "--" if name in BASELINES else "-"
-            ax.errorbar(xs, ys, yerr=[lo, hi], label=LABELS[name], color=COLORS[name], ls=style, marker="o", capsize=3)
+            if xs:  # (a model whose runs all diverged has no point)
+                ax.errorbar(
+                    xs, ys, yerr=[lo, hi], label=LABELS[name], color=COLORS[name], ls=style, marker="o", capsize=3
+                )
         ax.axvline(result["reach"] + 0.5, color="red", lw=0.8, ls=":")
         ax.axhline(100 * result["chance"], color="gray", lw=0.8, ls=":")
         ax.text(result["reach"] + 1, 100 * result["chance"] + 1, "SWA reach / chance", fontsize=7, color="gray")

@@ -596,7 +596,11 @@ def chunk_update(*inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     are needed."""
     rule, states, gradient_weights, queries, keys, targets, params, c, anchors = inputs
     flat = (queries, keys, targets, params, *c.fields(), *gradient_weights, *states, *(anchors or ()))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat):
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat)
+    if torch.compiler.is_compiling():  # one opaque operation in the graph (see "Opaque operations" below)
+        out = _run_op(rule.name, rule.spec(), grad, queries, keys, targets, params, *c.fields(), *_lists(inputs))
+        return out[0], out[1 : 1 + len(states)]
+    if grad:
         reads, *new_states = ChunkFunction.apply(rule, len(states), *flat)
         return reads, new_states
     reads, new_states, _ = chunk_forward(*inputs)
@@ -964,8 +968,15 @@ def chunk_scan(
     weights at every later chunk start (only the last unless ``all_starts``); through the autograd function when
     gradients are needed."""
     flat = (queries, keys, targets, params, *coefficients.fields(), *running, *boundary, *(anchors or ()))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat):
-        depth = len(running)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat)
+    depth = len(running)
+    if torch.compiler.is_compiling():  # one opaque operation in the graph, whatever the number of chunks
+        lists = (list(running), list(boundary), list(anchors or ()))
+        out = _scan_op(
+            rule.name, rule.spec(), all_starts, grad, queries, keys, targets, params, *coefficients.fields(), *lists
+        )
+        return out[0], out[1 : 1 + depth], out[1 + depth : 1 + 2 * depth]
+    if grad:
         reads, *rest = ChunkScan.apply(rule, depth, all_starts, *flat)
         return reads, rest[:depth], rest[depth:]
     reads, running, starts, *_ = _scan_forward(
@@ -978,3 +989,403 @@ def _baddbmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     """``acc + a @ b`` in one call, for (batch, heads, ...) operands."""
     batch, heads = acc.shape[:2]
     return torch.baddbmm(acc.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1)).view(batch, heads, *acc.shape[2:])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Opaque operations for torch.compile
+# --------------------------------------------------------------------------------------------------------------------
+#
+# Under ``torch.compile`` the closed form runs as custom operations (``torch.library.custom_op``) with a fake
+# (shape-only) implementation and a registered backward, itself one operation: the compiler sees one node per run and
+# one per scan of whole chunks, whatever their number, instead of tracing the loops over chunks (compile time in
+# proportion to length x depth). They compute with the same functions as :class:`ChunkFunction` and
+# :class:`ChunkScan` (eager runs those). The rule travels as its name and :meth:`~memory_rule.MemoryRule.spec`.
+
+#: One namespace per copy of this module (a checkpoint's remote code is another copy, registering its own).
+_NAMESPACE = __name__.replace(".", "_")
+
+
+def _kernel_rule(name: str, spec: list[float]) -> MemoryRule:
+    from .rule_registry import rule_class
+
+    return rule_class(name).from_spec(tuple(spec))
+
+
+def _lists(inputs: tuple) -> tuple[list, list, list]:
+    """The per-layer lists of :func:`chunk_update`'s arguments: gradient weights, states, anchors (``[]``: none)."""
+    _, states, gradient_weights, *_, anchors = inputs
+    return list(gradient_weights), list(states), list(anchors or ())
+
+
+def _zeros_for(grads: list, templates: list) -> list[torch.Tensor]:
+    """The gradients, zeros where none flowed (an operation returns tensors only)."""
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, templates)]
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunk_run", mutates_args=())
+def _run_op(
+    rule: str,
+    spec: list[float],
+    for_backward: bool,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    params: torch.Tensor | None,
+    read: torch.Tensor,
+    gain: torch.Tensor,
+    write: torch.Tensor,
+    transition: torch.Tensor,
+    weights: list[torch.Tensor],
+    states: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """:func:`chunk_forward` as one operation: ``[reads, *states after]`` and, ``for_backward``, the residual and the
+    queries' pre-activations."""
+    c = ChunkCoefficients(read, gain, write, transition)
+    kernel = _kernel_rule(rule, spec)
+    reads, new_states, (residual, query_pre) = chunk_forward(
+        kernel, states, weights, queries, keys, targets, params, c, anchors or None
+    )
+    return [reads, *new_states, *([residual, *query_pre] if for_backward else [])]
+
+
+@_run_op.register_fake
+def _run_op_fake(
+    rule, spec, for_backward, queries, keys, targets, params, read, gain, write, transition, weights, states, anchors
+):
+    out = [torch.empty_like(queries), *(torch.empty_like(s) for s in states)]
+    if for_backward:
+        out += [
+            torch.empty_like(targets),
+            *(queries.new_empty(*queries.shape[:-1], w.shape[-1]) for w in weights[:-1]),
+        ]
+    return out
+
+
+def _run_op_setup(ctx, inputs, output) -> None:
+    rule, spec, _, queries, keys, _, params, read, gain, write, transition, weights, states, anchors = inputs
+    depth = len(states)
+    ctx.rule, ctx.spec, ctx.depth = rule, spec, depth
+    ctx.save_for_backward(
+        queries,
+        keys,
+        params,
+        read,
+        gain,
+        write,
+        transition,
+        output[1 + depth],
+        *weights,
+        *states,
+        *anchors,
+        *output[2 + depth :],
+    )
+    ctx.layout = (depth, len(anchors))
+
+
+def _run_op_backward(ctx, grads):
+    depth, anchored = ctx.layout
+    queries, keys, params, read, gain, write, transition, residual, *rest = ctx.saved_tensors
+    weights, states, anchors = rest[:depth], rest[depth : 2 * depth], rest[2 * depth : 2 * depth + anchored]
+    query_pre = rest[2 * depth + anchored :]
+    inputs = (queries, keys, params, read, gain, write, transition, residual, weights, states, anchors, query_pre)
+    out = _run_backward_op(ctx.rule, ctx.spec, *inputs, grads[0], list(grads[1 : 1 + depth]))
+    d_queries, d_keys, d_targets, d_params, *d_coefficients = out[:8]
+    rest = out[8:]
+    d_weights, d_states, d_anchors = rest[:depth], rest[depth : 2 * depth], rest[2 * depth :]
+    return (
+        None,
+        None,
+        None,
+        d_queries,
+        d_keys,
+        d_targets,
+        None if params is None else d_params,
+        *d_coefficients,
+        d_weights,
+        d_states,
+        d_anchors,
+    )
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunk_run_backward", mutates_args=())
+def _run_backward_op(
+    rule: str,
+    spec: list[float],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    params: torch.Tensor | None,
+    read: torch.Tensor,
+    gain: torch.Tensor,
+    write: torch.Tensor,
+    transition: torch.Tensor,
+    residual: torch.Tensor,
+    weights: list[torch.Tensor],
+    states: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    query_pre: list[torch.Tensor],
+    grad_reads: torch.Tensor | None,
+    grad_states: list[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """:func:`chunk_backward` as one operation: the gradients of queries, keys, targets, the error's parameters (zeros
+    without), the coefficients, then per layer the gradient weights, the states and the anchors."""
+    coefficients = ChunkCoefficients(read, gain, write, transition)
+    grads = chunk_backward(
+        _kernel_rule(rule, spec), coefficients, weights, states, anchors or None, queries, keys, residual, params,
+        query_pre, grad_reads, list(grad_states),
+    )  # fmt: skip
+    d_coefficients, d_weights, d_states, d_anchors, d_queries, d_keys, d_targets, d_params = grads
+    flat = [d_queries, d_keys, d_targets, d_params, *d_coefficients, *d_weights, *d_states, *(d_anchors or [])]
+    return _zeros_for(flat, _run_templates(queries, keys, params, coefficients, weights, states, anchors))
+
+
+def _run_templates(queries, keys, params, coefficients, weights, states, anchors) -> list[torch.Tensor]:
+    """Tensors shaped like the gradients of :func:`_run_backward_op` (targets like keys; a scalar for no params)."""
+    missing = keys.new_zeros(())
+    return [
+        queries,
+        keys,
+        keys,
+        missing if params is None else params,
+        *coefficients.fields(),
+        *weights,
+        *states,
+        *anchors,
+    ]
+
+
+@_run_backward_op.register_fake
+def _run_backward_op_fake(
+    rule,
+    spec,
+    queries,
+    keys,
+    params,
+    read,
+    gain,
+    write,
+    transition,
+    residual,
+    weights,
+    states,
+    anchors,
+    query_pre,
+    grad_reads,
+    grad_states,
+):
+    coefficients = ChunkCoefficients(read, gain, write, transition)
+    return [torch.empty_like(t) for t in _run_templates(queries, keys, params, coefficients, weights, states, anchors)]
+
+
+_run_op.register_autograd(_run_op_backward, setup_context=_run_op_setup)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunk_scan", mutates_args=())
+def _scan_op(
+    rule: str,
+    spec: list[float],
+    all_starts: bool,
+    for_backward: bool,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    targets: torch.Tensor,
+    params: torch.Tensor | None,
+    read: torch.Tensor,
+    gain: torch.Tensor,
+    write: torch.Tensor,
+    transition: torch.Tensor,
+    running: list[torch.Tensor],
+    boundary: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """:class:`ChunkScan`'s forward as one operation: ``[reads, *state after, *start weights]`` and, ``for_backward``,
+    the states entering every chunk, what the maps at the boundaries saved, the queries' pre-activations and the
+    residuals."""
+    c = ChunkCoefficients(read, gain, write, transition)
+    kernel = _kernel_rule(rule, spec)
+    out = _scan_forward(
+        kernel, all_starts, queries, keys, targets, params, c, list(running), list(boundary), anchors or None,
+        for_backward,
+    )  # fmt: skip
+    reads, new_running, starts, states, bounds, query_pre, residual = out
+    if not for_backward:
+        return [reads, *new_running, *starts]
+    return [reads, *new_running, *starts, *states, *(b for b in bounds if b is not None), *query_pre, residual]
+
+
+@_scan_op.register_fake
+def _scan_op_fake(
+    rule,
+    spec,
+    all_starts,
+    for_backward,
+    queries,
+    keys,
+    targets,
+    params,
+    read,
+    gain,
+    write,
+    transition,
+    running,
+    boundary,
+    anchors,
+):
+    chunks = queries.shape[0]
+    out = [torch.empty_like(queries), *(torch.empty_like(r) for r in running)]
+    out += [b.new_empty(chunks if all_starts else 1, *b.shape) for b in boundary]
+    if not for_backward:
+        return out
+    out += [r.new_empty(chunks + 1, *r.shape) for r in running]
+    _, saved = _kernel_rule(rule, spec).bound(list(running))  # shapes only
+    out += [] if saved is None else [x.new_empty(chunks, *x.shape) for x in saved]
+    out += [queries.new_empty(*queries.shape[:-1], r.shape[-1]) for r in running[:-1]]
+    return out + [torch.empty_like(targets)]
+
+
+def _scan_op_setup(ctx, inputs, output) -> None:
+    rule, spec, _, _, queries, keys, _, params, read, gain, write, transition, running, boundary, anchors = inputs
+    depth = len(running)
+    bounded = (len(output) - 4 * depth - 1) // depth  # 1 when the rule's maps saved something per layer, else 0
+    states = output[1 + 2 * depth : 1 + 3 * depth]
+    bounds = output[1 + 3 * depth : 1 + (3 + bounded) * depth]
+    query_pre, residual = output[1 + (3 + bounded) * depth : -1], output[-1]
+    ctx.rule, ctx.spec, ctx.layout = rule, spec, (depth, len(anchors), bounded)
+    ctx.save_for_backward(
+        queries,
+        keys,
+        params,
+        read,
+        gain,
+        write,
+        transition,
+        residual,
+        *boundary,
+        *anchors,
+        *states,
+        *query_pre,
+        *bounds,
+    )
+
+
+def _scan_op_backward(ctx, grads):
+    depth, anchored, bounded = ctx.layout
+    queries, keys, params, read, gain, write, transition, residual, *rest = ctx.saved_tensors
+    boundary, rest = rest[:depth], rest[depth:]
+    anchors, rest = rest[:anchored], rest[anchored:]
+    states, query_pre, bounds = rest[:depth], rest[depth : 2 * depth - 1], rest[2 * depth - 1 :]
+    inputs = (
+        queries,
+        keys,
+        params,
+        read,
+        gain,
+        write,
+        transition,
+        residual,
+        boundary,
+        anchors,
+        states,
+        query_pre,
+        bounds,
+    )
+    grad_running, grad_starts = list(grads[1 : 1 + depth]), list(grads[1 + depth : 1 + 2 * depth])
+    out = _scan_backward_op(ctx.rule, ctx.spec, *inputs, grads[0], grad_running, grad_starts)
+    d_queries, d_keys, d_targets, d_params, *d_coefficients = out[:8]
+    rest = out[8:]
+    d_running, d_boundary, d_anchors = rest[:depth], rest[depth : 2 * depth], rest[2 * depth :]
+    d_params = None if params is None else d_params
+    return (
+        None,
+        None,
+        None,
+        None,
+        d_queries,
+        d_keys,
+        d_targets,
+        d_params,
+        *d_coefficients,
+        d_running,
+        d_boundary,
+        d_anchors,
+    )
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunk_scan_backward", mutates_args=())
+def _scan_backward_op(
+    rule: str,
+    spec: list[float],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    params: torch.Tensor | None,
+    read: torch.Tensor,
+    gain: torch.Tensor,
+    write: torch.Tensor,
+    transition: torch.Tensor,
+    residual: torch.Tensor,
+    boundary: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    states: list[torch.Tensor],
+    query_pre: list[torch.Tensor],
+    bounds: list[torch.Tensor],
+    grad_reads: torch.Tensor | None,
+    grad_running: list[torch.Tensor | None],
+    grad_starts: list[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """:func:`_scan_backward` as one operation: the gradients of queries, keys, targets, the error's parameters (zeros
+    without), the coefficients, then per layer the state before the first chunk, the weights at its start and the
+    anchors."""
+    coefficients = ChunkCoefficients(read, gain, write, transition)
+    saved = _ScanSaved(
+        _kernel_rule(rule, spec), coefficients, queries, keys, params, residual, list(boundary), anchors or None,
+        list(states), list(query_pre), list(bounds) or [None] * len(states),
+    )  # fmt: skip
+    grads = _scan_backward(saved, grad_reads, list(grad_running), list(grad_starts))
+    templates = _scan_templates(queries, keys, params, coefficients, states, boundary, anchors)
+    return _zeros_for(list(grads), templates)
+
+
+def _scan_templates(queries, keys, params, coefficients, states, boundary, anchors) -> list[torch.Tensor]:
+    """Tensors shaped like the gradients of :func:`_scan_backward_op`."""
+    missing = keys.new_zeros(())
+    running = [s[0] for s in states]
+    return [
+        queries,
+        keys,
+        keys,
+        missing if params is None else params,
+        *coefficients.fields(),
+        *running,
+        *boundary,
+        *anchors,
+    ]
+
+
+@_scan_backward_op.register_fake
+def _scan_backward_op_fake(
+    rule,
+    spec,
+    queries,
+    keys,
+    params,
+    read,
+    gain,
+    write,
+    transition,
+    residual,
+    boundary,
+    anchors,
+    states,
+    query_pre,
+    bounds,
+    grad_reads,
+    grad_running,
+    grad_starts,
+):
+    coefficients = ChunkCoefficients(read, gain, write, transition)
+    return [
+        torch.empty_like(t) for t in _scan_templates(queries, keys, params, coefficients, states, boundary, anchors)
+    ]
+
+
+_scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup)

@@ -57,7 +57,8 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     keep full precision; the upper triangle is ``-inf`` *before* any ``exp`` (``0 * inf`` would be ``nan`` in backward).
     """
     size = x.shape[-1]
-    above_diagonal, on_or_above_diagonal = _triangles(size, x.device)
+    masks = _triangles.__wrapped__ if torch.compiler.is_compiling() else _triangles  # (a compiler folds them)
+    above_diagonal, on_or_above_diagonal = masks(size, x.device)
     terms = x.unsqueeze(-1).expand(*x.shape, size).masked_fill(on_or_above_diagonal, 0.0)  # [.., t, j] = x_t if t > j
     return terms.cumsum(dim=-2).masked_fill(above_diagonal, -math.inf)
 
@@ -307,6 +308,23 @@ class MemoryRule(nn.Module):
         for name, setting in self.settings.items():
             setattr(self, name, settings.get(name, setting.default))
         self.window = 1
+
+    def spec(self) -> list[float]:
+        """What the closed form's kernels need of this rule, as numbers (the schema of an opaque operation for
+        ``torch.compile`` takes no objects): the shared settings and the rule's own, in order. Inverse:
+        :meth:`from_spec`."""
+        cap = math.nan if self.max_weight_rms is None else self.max_weight_rms
+        return [self.max_lr, float(self.momentum), cap] + [float(getattr(self, name)) for name in self.settings]
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def from_spec(cls, spec: tuple[float, ...]) -> MemoryRule:
+        """A rule built from :meth:`spec` (its own parameters, if any, are unused by the kernels), cached."""
+        max_lr, momentum, cap, *values = spec
+        own = {name: type(setting.default)(v) for (name, setting), v in zip(cls.settings.items(), values)}
+        return cls(
+            1, 1, 1, max_lr=max_lr, momentum=bool(momentum), max_weight_rms=None if math.isnan(cap) else cap, **own
+        )
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:

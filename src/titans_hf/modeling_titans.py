@@ -47,7 +47,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .cache_titans import SegmentState, TitansCache, WindowState
+from .cache_titans import SegmentState, TitansCache, TitansCacheLayer, WindowState
 from .configuration_titans import TitansConfig
 from .neural_memory import NeuralMemory, NeuralMemoryState, TokenPacking, _select_rows, _where_batch
 
@@ -592,11 +592,12 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         layout: TokenLayout,
-        cache: TitansCache | None = None,
+        layer_cache: TitansCacheLayer | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layer_cache = None if cache is None else cache.layers[self.layer_idx]
+        """The layer on the packed block, continuing from ``layer_cache`` (this layer's states; updated in place),
+        passed by the model rather than looked up by ``layer_idx``, so that a compiled layer serves every layer."""
         memory_state = None if layer_cache is None else layer_cache.memory
         attention_state = None if layer_cache is None else layer_cache.attention
         mixer = {
@@ -1086,12 +1087,12 @@ class TitansModel(TitansPreTrainedModel):
 
         position_embeddings = self.rotary_emb(inputs_embeds, layout.positions)
         hidden_states = inputs_embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden_states, _ = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 layout=layout,
-                cache=cache,
+                layer_cache=None if cache is None else cache.layers[i],
                 output_attentions=output_attentions,
             )
         hidden_states = self.norm(hidden_states)

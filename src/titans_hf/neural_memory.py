@@ -137,6 +137,10 @@ def _where_batch(condition: torch.Tensor | bool, new: torch.Tensor, old: torch.T
     return torch.where(condition.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _any(rows: torch.Tensor | bool) -> bool:
     """Whether any sequence is selected; reads the device only when the host does not know."""
     return rows if isinstance(rows, bool) else bool(rows.any())
@@ -355,12 +359,17 @@ class ChunkSchedule:
     run, 0 when every sequence is on a boundary; shorter runs end in identity positions), then ``chunks`` chunks of
     ``C`` positions. Identity positions (padding of the layout) have ``theta = 0`` and gates of 1 (zeros of the log gates).
 
+    The runs are numbered: 0 the first run, ``n >= 1`` chunk ``n`` of the layout.
+
     Attributes:
         first_run, chunks, size: the layout (host integers).
-        run_counts: real tokens of each run (the first run, then each chunk): host ints when every sequence is at the
-            same place and every token is real (the schedule then follows from shapes, no device read), else (batch,)
-            tensors. The state is carried from the last of them.
-        closes: whether each run reaches a boundary (``bool`` or (batch,) tensors).
+        whole: the whole chunks that run at once (:func:`~memory_ops.chunk_scan`): every whole chunk of a schedule
+            known on the host (they follow the first run, on a boundary); 0 when the schedule depends on the device.
+        run_counts: real tokens of each run that is not one of the ``whole`` chunks (the first run, then the runs
+            after them): host ints when every sequence is at the same place and every token is real (the schedule
+            then follows from shapes, no device read; no list grows with the length), else (batch,) tensors. The
+            state is carried from the last of them.
+        closes: whether each of those runs reaches a boundary (``bool`` or (batch,) tensors).
         written: real tokens written per sequence, (batch,).
         token: (batch, positions) the packed token each position holds, ``real`` (batch, positions) whether it holds
             one, and ``position`` (batch, length) the position of each token; all ``None`` when the layout is the identity.
@@ -370,6 +379,7 @@ class ChunkSchedule:
     chunks: int
     size: int
     length: int
+    whole: int
     run_counts: list[int | torch.Tensor]
     closes: list[bool | torch.Tensor]
     written: torch.Tensor
@@ -389,11 +399,12 @@ class ChunkSchedule:
             # host (no synchronisation), and the layout is the identity.
             phase = state.common_seen % size
             first = min(length, (size - phase) % size)  # tokens that finish the current chunk
-            chunks = -(-(length - first) // size)
-            run_counts = [first] + [min(size, length - first - n * size) for n in range(chunks)]
-            closes = [first > 0 and phase + first == size] + [n_in == size for n_in in run_counts[1:]]
+            whole = (length - first) // size
+            last = length - first - whole * size  # tokens of a last, partial chunk
+            run_counts = [first] + ([last] if last else [])
+            closes = [first > 0 and phase + first == size] + ([False] if last else [])
             written = torch.full((batch,), length, device=device, dtype=torch.long)
-            return cls(first, chunks, size, length, run_counts, closes, written)
+            return cls(first, whole + (1 if last else 0), size, length, whole, run_counts, closes, written)
         # Padded rows, or rows at different places: the schedule depends on the counts, read from the device.
         phase = state.seen % size  # tokens already in the current chunk
         written = counts if counts is not None else torch.full((batch,), length, device=device, dtype=torch.long)
@@ -414,9 +425,8 @@ class ChunkSchedule:
         # A run closes its chunk on reaching a boundary: the first when phase + first = C, the others when full.
         run_counts = [first] + [(written - first - n * size).clamp(0, size) for n in range(chunks)]
         closes = [(first > 0) & (phase + first == size)] + [n_in == size for n_in in run_counts[1:]]
-        return cls(
-            first_run, chunks, size, length, run_counts, closes, written, token.clamp(0, length - 1), real, position
-        )
+        token = token.clamp(0, length - 1)
+        return cls(first_run, chunks, size, length, 0, run_counts, closes, written, token, real, position)
 
     @property
     def positions(self) -> int:
@@ -425,7 +435,7 @@ class ChunkSchedule:
     def last_token(self, n: int, heads: int) -> torch.Tensor:
         """Per sequence and head (batch, heads), the run ``n``'s position after which the state is carried: its last real
         token (0 for a sequence with none)."""
-        n_in, batch = self.run_counts[n], self.written.shape[0]
+        n_in, batch = self.run(n)[0], self.written.shape[0]
         if isinstance(n_in, int):
             return torch.full((batch, heads), n_in - 1, device=self.written.device, dtype=torch.long)
         return (n_in - 1).clamp(min=0).view(batch, 1).expand(batch, heads)
@@ -440,11 +450,11 @@ class ChunkSchedule:
         mask = self.real.view(*self.real.shape[:1], 1, self.positions, *([1] * (gathered.dim() - 3)))
         return torch.where(mask, gathered, torch.zeros((), dtype=t.dtype, device=t.device))
 
-    @property
-    def whole(self) -> int:
-        """The chunks that run at once (:func:`~memory_ops.chunk_scan`): every whole chunk of a schedule known on the
-        host (they follow the first run, on a boundary); 0 when the schedule depends on the device."""
-        return 0 if self.token is not None else sum(n == self.size for n in self.run_counts[1:])
+    def run(self, n: int) -> tuple[int | torch.Tensor, bool | torch.Tensor]:
+        """Run ``n``'s real tokens and whether it reaches a boundary (see :attr:`run_counts`)."""
+        if n == 0 or n > self.whole:
+            return self.run_counts[n - self.whole if n else 0], self.closes[n - self.whole if n else 0]
+        return self.size, True
 
     def split(
         self, t: torch.Tensor | None
@@ -495,12 +505,13 @@ class ChunkSchedule:
             runs.append(_gather_time(extended.transpose(1, 2), index, dim=1).transpose(1, 2))
         return runs[0], None, runs[1:]
 
-    def join(self, reads: list[torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`split` for the runs' reads (runs with no position are absent)."""
-        first, chunks = (reads[0], reads[1:]) if self.first_run else (None, reads)
-        parts = [] if first is None else [first]
+    def join(self, first: list[torch.Tensor], whole: torch.Tensor | None, rest: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`split` for the runs' reads: the first run's (``[]`` when it has no position), the whole
+        chunks' stacked (chunks, batch, heads, size, d) or ``None``, and the other chunks' one by one."""
+        chunks = ([] if whole is None else [whole]) + ([torch.stack(rest)] if rest else [])
+        parts = list(first)
         if chunks:
-            parts.append(torch.stack(chunks).permute(1, 2, 0, 3, 4).flatten(2, 3))
+            parts.append(_cat(chunks).permute(1, 2, 0, 3, 4).flatten(2, 3))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def to_tokens(self, reads: torch.Tensor) -> torch.Tensor:
@@ -907,15 +918,14 @@ class NeuralMemory(nn.Module):
         # joined once (one select per chunk would give the backward a full-size zero gradient per chunk).
         boundaries = None if segment is None else [[w.unsqueeze(0) for w in state.weights]]
         carry = self._carry(state, anchors)
-        reads = self._run_chunks(carry, schedule, [first], 0, anchors, boundaries)
-        if schedule.whole:
-            reads += self._scan(carry, schedule, whole, anchors, boundaries)
-        reads += self._run_chunks(carry, schedule, list(zip(*rest)), 1 + schedule.whole, anchors, boundaries)
+        first_reads = self._run_chunks(carry, schedule, [first], 0, anchors, boundaries)
+        whole_reads = self._scan(carry, schedule, whole, anchors, boundaries) if schedule.whole else None
+        rest_reads = self._run_chunks(carry, schedule, list(zip(*rest)), 1 + schedule.whole, anchors, boundaries)
         starts = []  # the weights at every segment start, per layer (batch, segments, heads, d_in, d_out)
         if segment is not None:
             every = segment // self.chunk_size
             starts = [torch.cat(pieces)[::every].movedim(0, 1) for pieces in zip(*boundaries)]
-        reads = schedule.join(reads)
+        reads = schedule.join(first_reads, whole_reads, rest_reads)
         if self.residual:
             reads = reads + laid_out.queries
         common_seen = None if counts is not None or state.common_seen is None else state.common_seen + length
@@ -941,10 +951,10 @@ class NeuralMemory(nn.Module):
         whole: tuple[torch.Tensor | None, ...],
         anchors: list[torch.Tensor] | None,
         boundaries: list[list[torch.Tensor]] | None,
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """The schedule's :attr:`~ChunkSchedule.whole` chunks at once (:func:`~memory_ops.chunk_scan`), from the
-        boundary ``carry`` is on; updates ``carry`` and ``boundaries`` as :meth:`_run_chunks` does. The reads of each
-        chunk."""
+        boundary ``carry`` is on; updates ``carry`` and ``boundaries`` as :meth:`_run_chunks` does. The reads of the
+        chunks, (chunks, batch, heads, size, d)."""
         queries, keys, targets, params, lr, log_momentum, log_retention, gates = whole
         coefficients = self.rule.coefficients(lr, log_momentum, log_retention, gates)
         reads, carry.running, starts = chunk_scan(
@@ -964,7 +974,7 @@ class NeuralMemory(nn.Module):
         if boundaries is not None:  # the weights at the boundaries before the block's last token
             ends_block = schedule.first_run + schedule.whole * schedule.size == schedule.length
             boundaries.append([s[: schedule.whole - ends_block] for s in starts])
-        return list(reads.unbind(0))
+        return reads
 
     def _run_chunks(
         self,
@@ -988,7 +998,7 @@ class NeuralMemory(nn.Module):
         for n, (q_n, k_n, t_n, p_n, lr_n, log_mom_n, log_ret_n, g_n) in enumerate(pieces, start):
             if q_n.shape[2] == 0:
                 continue
-            n_in, closes = schedule.run_counts[n], schedule.closes[n]  # host ints and bools, or (batch,) tensors
+            n_in, closes = schedule.run(n)  # host ints and bools, or (batch,) tensors
             active = n_in > 0
             stops_inside = (active and not closes) if isinstance(closes, bool) else active & ~closes
             continuing = self.rule.budget and (n == 0 and schedule.first_run > 0 or _any(stops_inside))
