@@ -662,3 +662,31 @@ def test_weight_safeguard_has_finite_gradients_at_a_zero_state():
     x = torch.randn(1, 9, 8, requires_grad=True)
     memory(x)[0].sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in memory.parameters())
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("budget", [True, False])
+def test_one_token_coefficients_are_the_general_forms_bit_for_bit(momentum, budget):
+    """A run of one token (a decoding step) takes a shortcut in ``linear_recurrence``; it must give what the general
+    form gives for that token: here, the first token of a two-token run carried from it (``last = 0``)."""
+    from titans_hf.memory_rule import linear_recurrence
+
+    torch.manual_seed(0)
+    lr = torch.rand(2, 3, 2, dtype=torch.float64)
+    log_momentum = -torch.rand(2, 3, 2, dtype=torch.float64) if momentum else None
+    log_retention = -torch.rand(2, 3, 2, dtype=torch.float64)
+    steps = 2.0 * lr * torch.expm1(log_momentum) if momentum else -2.0 * lr
+    scale = 1.0 / (1.0 + torch.rand(2, 3, 2, dtype=torch.float64)) if budget else None
+    first = torch.zeros(2, 3, dtype=torch.long)
+    general = linear_recurrence(steps, log_momentum, log_retention, first, scale)
+    one = linear_recurrence(
+        steps[..., :1],
+        None if log_momentum is None else log_momentum[..., :1],
+        log_retention[..., :1],
+        None,
+        None if scale is None else scale[..., :1],
+    )
+    assert torch.equal(one.read, general.read[..., :1, :])
+    assert torch.equal(one.gain, general.gain[..., :1, :1])
+    assert torch.equal(one.write, general.write[..., :1, :])
+    assert torch.equal(one.transition, general.transition)

@@ -135,6 +135,8 @@ def linear_recurrence(
             learning-rate budget's ``1 / n_i``, see ``rule_titans_hf.py``), or ``None``.
     """
     window = steps.dim() == log_retention.dim() + 1
+    if log_retention.shape[-1] == 1:  # one token (decoding): the same values with fewer operations
+        return _one_token(steps, log_momentum, log_retention, scale, window)
     retention_decay = _decays(log_retention)  # beta_i / beta_l for l <= i, else 0
     beta = torch.exp(torch.cumsum(log_retention, dim=-1))
 
@@ -180,6 +182,29 @@ class Run:
     lr_before: torch.Tensor | None
     scale: torch.Tensor | None
     last: torch.Tensor | None
+
+
+def _one_token(
+    steps: torch.Tensor,
+    log_momentum: torch.Tensor | None,
+    log_retention: torch.Tensor,
+    scale: torch.Tensor | None,
+    window: bool,
+) -> ChunkCoefficients:
+    """:func:`linear_recurrence` of a run of one token: every decay is an empty product (1) and every cumulative sum
+    the gate itself, so ``beta = r``, ``m = f = eta`` and the gain and writes are the (scaled) steps: the values the
+    general form computes for one token, bit for bit (``x * 1`` and a 1 x 1 product with 1 are exact), in fewer
+    operations (a decoding step runs it once per memory layer)."""
+    beta = torch.exp(log_retention)
+    gain = steps if window else steps.unsqueeze(-2)  # (..., 1, C_k)
+    gain = gain if scale is None else gain * scale.unsqueeze(-1)
+    if log_momentum is None:
+        return ChunkCoefficients(beta.unsqueeze(-1), gain, gain[..., 0, :].unsqueeze(-1), beta[..., None])
+    m = torch.exp(log_momentum)
+    read = torch.stack([beta, m], dim=-1)
+    write = torch.stack([gain[..., 0, :], gain[..., 0, :]], dim=-1)
+    transition = torch.stack([torch.cat([beta, m], -1), torch.cat([torch.zeros_like(m), m], -1)], dim=-2)
+    return ChunkCoefficients(read, gain, write, transition)
 
 
 # --------------------------------------------------------------------------------------------------------------------

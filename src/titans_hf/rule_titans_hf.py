@@ -40,7 +40,8 @@ class TitansHFRule(MemoryRule):
     def budget_scale(self, lr: torch.Tensor, lr_before: torch.Tensor | None) -> torch.Tensor:
         """``1 / n_i``: the steps of the chunk up to token ``i`` share a learning rate of at most ``max_lr``."""
         before = 0.0 if lr_before is None else lr_before.unsqueeze(-1)
-        return 1.0 / torch.clamp((before + torch.cumsum(lr, dim=-1)) / self.max_lr, min=1.0)
+        so_far = lr if lr.shape[-1] == 1 else torch.cumsum(lr, dim=-1)  # (one token: the same value)
+        return 1.0 / torch.clamp((before + so_far) / self.max_lr, min=1.0)
 
     def extend(self, c: ChunkCoefficients, run: Run) -> ChunkCoefficients:
         """On ``[D; S]`` for a run from a chunk boundary (``run.lr_before`` ``None``), on ``[D; S; A; B]`` for a run that
