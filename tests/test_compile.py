@@ -159,3 +159,38 @@ def test_trainer_torch_compile_trains_like_eager(tmp_path):
         finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name, value in finals[0].items():
         torch.testing.assert_close(finals[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_decoding_graph_is_cuda_graph_ready():
+    """What ``mode="reduce-overhead"`` (CUDA graphs) needs, checked on the captured decoding step as far as a CPU can:
+    one graph, no host reads (no ``.item()`` / ``_local_scalar_dense``, no data-dependent branches: fullgraph), no
+    in-place writes into its inputs (the cache's tensors are replaced, not mutated), and inputs of the same shapes at
+    every step (no recompilation after the position became dynamic)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("mag", dtype=torch.float32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(ids, cache):
+        return model(ids, cache=cache, use_cache=True).logits
+
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    x = torch.randint(1, 64, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = model(x[:, :8], use_cache=True).cache
+        eager_cache = cache.copy()
+        for t in range(8, 20):
+            expected = step(x[:, t : t + 1], eager_cache)
+            torch.testing.assert_close(compiled(x[:, t : t + 1], cache), expected, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] <= 4
+    for gm in graphs:
+        placeholders = {node for node in gm.graph.nodes if node.op == "placeholder"}
+        for node in gm.graph.nodes:
+            name = getattr(node.target, "__name__", str(node.target))
+            assert name not in ("item", "tolist") and "_local_scalar_dense" not in name, name
+            in_place = node.op == "call_method" and name.endswith("_") and not name.startswith("__")
+            assert not (in_place and node.args and node.args[0] in placeholders), (name, node.args[0])

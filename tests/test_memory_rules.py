@@ -286,7 +286,8 @@ def test_config_rules_their_settings_and_defaults():
     assert (default.memory_rule, default.memory_max_lr, default.memory_max_weight_rms) == ("titans-hf", 1.0, 1.0)
     assert (default.memory_momentum, default.mac_memory_input) == (True, "input")
     paper = TitansConfig(memory_rule="titans")
-    assert (paper.memory_max_lr, paper.memory_max_weight_rms, paper.mac_memory_input) == (0.1, None, "attention")
+    assert (paper.memory_max_lr, paper.memory_max_weight_rms, paper.mac_memory_input) == (0.001, None, "attention")
+    assert TitansConfig(memory_rule="omega").memory_max_lr == 0.0003
     moneta = TitansConfig(memory_rule="Moneta", moneta_p=2.5)
     assert moneta.memory_rule_settings == {"moneta_p": 2.5, "moneta_q": 4.0} and moneta.memory_momentum is False
     # Explicit values win over the rule's defaults, and a saved config keeps them.

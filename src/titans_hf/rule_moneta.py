@@ -44,6 +44,7 @@ class MonetaRule(MemoryRule):
         "moneta_p": Setting(3.0, lambda v: _number(v) and v >= 1, "a number >= 1", "the exponent of the l_p loss"),
         "moneta_q": Setting(4.0, lambda v: _number(v) and v > 1, "a number > 1", "the l_q retention's exponent"),
     }
+    # max_lr: the bound of a sweep (0.1, 0.01, 0.001) with the best language modelling and finite long evaluations.
     defaults = {"max_lr": 0.1, "momentum": False, "max_weight_rms": None, "mac_memory_input": "input"}
 
     # ---------------------------------------------------------------------------------------------- the bias

@@ -36,6 +36,9 @@ class OmegaRule(TitansRule):
         )
     }
 
+    # The largest bound of a sweep that trained without diverging (a step mixes up to c gradients; titans: 0.001).
+    defaults = dict(TitansRule.defaults, max_lr=0.0003)
+
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, **kwargs):
         super().__init__(hidden_size, num_heads, head_dim, **kwargs)
         self.window = self.omega_window

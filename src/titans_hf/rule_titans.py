@@ -12,9 +12,10 @@ safeguard (``memory_max_weight_rms=None``), and MAC writing its attention output
 Where the paper leaves a choice open, the same choices as every rule: the gates are ``theta_t = max_lr *
 sigmoid(.)``, ``eta_t = sigmoid(.)``, ``1 - alpha_t = sigmoid(.)``, linear maps of the input per head; the memory
 starts from learned weights ``W_0``; at initialisation ``theta = max_lr / 2``, ``eta = 0.9`` and the retention's
-half-lives are spread over the heads (``docs/design.md`` §2.6). ``max_lr`` defaults to 0.1 here (the paper gives no
+half-lives are spread over the heads (``docs/design.md`` §2.6). ``max_lr`` defaults to 0.001 (the paper gives no
 value): with no budget a chunk of ``C`` tokens sums ``C`` steps taken at the same weights, so the stable learning rate
-shrinks with the chunk (``benchmarks/README.md``, "Memory rules").
+shrinks with the chunk; 0.001 is the largest bound of a sweep (0.1, 0.01, 0.003, 0.001) that trained a MAG without
+diverging at chunk sizes 8 and 16 (``benchmarks/README.md``, "Memory rules").
 """
 
 from __future__ import annotations
@@ -27,4 +28,4 @@ class TitansRule(MemoryRule):
     on ``[W; S]`` (``[W]`` without momentum), ``W`` relaxing towards zero."""
 
     name = "titans"
-    defaults = {"max_lr": 0.1, "momentum": True, "max_weight_rms": None, "mac_memory_input": "attention"}
+    defaults = {"max_lr": 0.001, "momentum": True, "max_weight_rms": None, "mac_memory_input": "attention"}
