@@ -5,13 +5,16 @@
 
 1. **Compiled = eager on the device**: a float32 training step of a small MAG (and MAC) model, eager vs
    ``torch.compile(fullgraph=True)`` with inductor (Triton) and with AOTAutograd: loss and every gradient compared
-   (max relative difference). On CPU, torch 2.13's inductor miscompiles the memory's backward (README
-   "torch.compile"); this says whether Triton does.
+   (max relative difference). (The memory's closed form is an opaque operation: inductor compiles the rest; on CPU
+   it compiles MAG and fails on MAC's masks, README "torch.compile".)
 2. **No host synchronisation**: ``torch.cuda.set_sync_debug_mode("error")`` around an unpadded training step and a
    decoding step (any device-to-host copy raises).
 3. **Training throughput**, bf16 autocast, batch 1, the small shape of ``speed_common.py``: tokens/s of MAG and Llama
-   (sdpa) at 4K and 16K tokens, eager and compiled (median of timed steps after warm-up; compile time reported).
-4. **Decoding**: tokens/s of greedy cached decoding after a 16K-token prompt, MAG and Llama, eager.
+   (sdpa) at 4K and 16K tokens, eager, compiled (regional: each decoder layer, inductor) and compiled with
+   ``mode="reduce-overhead"`` (CUDA graphs) (median of timed steps after warm-up; the first step, with compilation,
+   reported).
+4. **Decoding**: tokens/s of greedy cached decoding after a 16K-token prompt, MAG and Llama, eager, and MAG's step
+   compiled (inductor, and ``mode="reduce-overhead"``).
 
 Prints a table per part and saves everything to ``results/device_check.json``.
 """
@@ -131,11 +134,14 @@ def training_throughput(device: str, quick: bool) -> list[dict]:
     steps = 2 if quick else 5
     for length in lengths:
         for name in ("mag", LLAMA):
-            for compiled in (False, True):
+            for compiled in (None, "default", "reduce-overhead"):
                 torch._dynamo.reset()
                 model = build_model(name).to(device).train()
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-                forward = torch.compile(model) if compiled else model
+                forward = model
+                if compiled is not None:  # regional: every decoder layer compiled, one graph serving all
+                    for layer in model.model.layers:
+                        layer.compile(mode=compiled)
                 x = torch.randint(0, 256, (1, length), device=device)
 
                 try:
@@ -163,8 +169,12 @@ def training_throughput(device: str, quick: bool) -> list[dict]:
 def decoding(device: str, quick: bool) -> list[dict]:
     rows = []
     prompt_length, new_tokens = (2048, 32) if quick else (16384, 128)
-    for name in ("mag", LLAMA):
+    for name, compiled in (("mag", None), ("mag", "default"), ("mag", "reduce-overhead"), (LLAMA, None)):
+        torch._dynamo.reset()
         model = build_model(name).to(device).eval()
+        if compiled is not None:
+            for layer in model.model.layers:
+                layer.compile(mode=compiled)
         prompt = torch.randint(0, 256, (1, prompt_length), device=device)
         with torch.autocast(device, dtype=torch.bfloat16):
             out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
@@ -178,7 +188,12 @@ def decoding(device: str, quick: bool) -> list[dict]:
                 token = out.logits[:, -1:].argmax(-1)
             sync()
         rows.append(
-            {"model": name, "prompt": prompt_length, "tokens_per_s": new_tokens / (time.perf_counter() - start)}
+            {
+                "model": name,
+                "compiled": compiled,
+                "prompt": prompt_length,
+                "tokens_per_s": new_tokens / (time.perf_counter() - start),
+            }
         )
         print(rows[-1], flush=True)
     return rows

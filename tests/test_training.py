@@ -671,11 +671,13 @@ def test_torch_compile_flag_trains_the_same_model(workdir, corpus):
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_inductor_on_cpu_is_refused(workdir, corpus):
+def test_inductor_on_cpu_is_refused_for_mac(workdir, corpus):
     with pytest.raises(
-        ValueError, match=r"--torch_compile_backend inductor on CPU.*Use --torch_compile_backend aot_eager"
+        ValueError,
+        match=r"--torch_compile_backend inductor on CPU with variant='mac'.*Use --torch_compile_backend aot_eager",
     ):
-        pretrain.main(tiny_args(workdir, corpus, "inductor_cpu", "--max_train_steps", "1", "--torch_compile"))
+        args = tiny_args(workdir, corpus, "inductor_cpu", "--max_train_steps", "1", "--torch_compile")
+        pretrain.main([*args, "--config_overrides", "variant=mac"])
 
 
 def test_fsdp_config_on_cpu_is_refused(workdir, corpus, monkeypatch):

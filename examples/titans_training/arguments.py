@@ -161,7 +161,7 @@ def build_parser(description: str, *, finetune: bool) -> argparse.ArgumentParser
         "--torch_compile_backend",
         default="inductor",
         choices=["inductor", "aot_eager", "eager"],
-        help="torch.compile backend for --torch_compile (default: inductor, for GPUs; on CPU: aot_eager, README 'torch.compile').",
+        help="torch.compile backend for --torch_compile (default: inductor; on CPU, MAC needs aot_eager, README 'torch.compile').",
     )
 
     log = parser.add_argument_group("evaluation, logging and checkpoints")

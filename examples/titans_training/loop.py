@@ -157,6 +157,13 @@ def prepare_optimization(run: TrainingRun, max_train_steps: int) -> tuple[torch.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    compiles = args.torch_compile and args.torch_compile_backend == "inductor" and accelerator.device.type == "cpu"
+    if compiles and getattr(run.model.config, "variant", None) == "mac":
+        raise ValueError(
+            "--torch_compile_backend inductor on CPU with variant='mac': torch 2.13's inductor fails to compile MAC on "
+            "CPU (an internal error in its attention masks' indexing; README, 'torch.compile and GPUs'). Use "
+            "--torch_compile_backend aot_eager on CPU (MAG, MAL and LMM compile with inductor on CPU too)."
+        )
     run.model, optimizer, lr_scheduler = accelerator.prepare(run.model, optimizer, lr_scheduler)
     return optimizer, lr_scheduler
 

@@ -52,20 +52,16 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         kwargs["mixed_precision"] = args.mixed_precision
     if args.cpu:
         kwargs["cpu"] = True
-    if args.torch_compile:
-        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend=args.torch_compile_backend.upper())
+    if args.torch_compile:  # regional: one compiled decoder layer serves every layer (README "torch.compile")
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(
+            backend=args.torch_compile_backend.upper(), use_regional_compilation=True
+        )
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         **kwargs,
     )
-    if args.torch_compile and args.torch_compile_backend == "inductor" and accelerator.device.type == "cpu":
-        raise ValueError(
-            "--torch_compile_backend inductor on CPU: torch 2.13's inductor CPU code has computed the neural memory's "
-            "gradients wrongly and fails to compile MAC (README, 'torch.compile and GPUs'). Use "
-            "--torch_compile_backend aot_eager on CPU; inductor is meant for GPUs."
-        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(
