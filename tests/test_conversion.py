@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from tiny import BLOCK_TITANS_HF
 
 from titans_hf import BASE_LORA_TARGETS, MEMORY_MODULES, TitansForCausalLM, mark_only_memory_as_trainable
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 COMMON = dict(
     vocab_size=64,
@@ -317,3 +320,57 @@ def test_full_fine_tuning_trains_everything():
     gradients once its output projection has left zero, in the first step)."""
     model = TitansForCausalLM.from_base_model(make_base("mistral"), memory_chunk_size=4)
     assert _trained(model) == {name for name, _ in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------------------------- the scripts
+
+
+def test_convert_then_finetune_scripts(tmp_path):
+    """examples/convert.py turns a saved Llama folder into a Titans folder (checked, with a card); examples/finetune.py
+    then trains the memory alone, or the memory and LoRA adapters (merged when saved)."""
+    sys.path.insert(0, str(EXAMPLES))
+    import convert
+    import finetune
+
+    torch.manual_seed(0)
+    tokenizer = transformers.ByT5Tokenizer()
+    base = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer), "eos_token_id": 1, "bos_token_id": None})
+    )
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    report = convert.main(
+        [
+            "--base_model", str(tmp_path / "base"), "--output_dir", str(tmp_path / "converted"),
+            "--sliding_window", "8", "--memory_layers", "1", "--config_overrides", "memory_chunk_size=4",
+        ]
+    )  # fmt: skip
+    assert report["largest_logit_difference"] < 1e-5 and report["verify_tokens"] == 8
+    assert report["memory_layers"] == [1] and report["memory_parameters"] > 0
+    card = (tmp_path / "converted" / "README.md").read_text()
+    assert "converted from" in card and str(tmp_path / "base") in card
+    assert (tmp_path / "converted" / "tokenizer_config.json").is_file()
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"Document {i}: the key is {i * 7919 % 100}. " * 6 for i in range(40)))
+    converted = load_file(tmp_path / "converted" / "model.safetensors")
+    for train in ("memory", "memory+lora"):
+        finetune.main(
+            [
+                "--model_name_or_path", str(tmp_path / "converted"), "--train_file", str(text), "--train", train,
+                "--output_dir", str(tmp_path / train), "--block_size", "32", "--per_device_train_batch_size", "2",
+                "--max_train_steps", "2", "--eval_steps", "0", "--checkpointing_steps", "0", "--max_eval_samples", "2",
+                "--learning_rate", "1e-2", "--lora_r", "2", "--sample_max_new_tokens", "4",
+            ]
+        )  # fmt: skip
+        tuned = load_file(tmp_path / train / "model.safetensors")
+        assert tuned.keys() == converted.keys()  # a plain Titans checkpoint (adapters merged)
+        changed = {name for name in tuned if not torch.equal(tuned[name], converted[name])}
+        assert "model.layers.1.memory.o_proj.weight" in changed
+        if train == "memory":
+            assert all(".memory." in name for name in changed), changed
+        else:  # merged adapters changed the projections; embeddings, norms and head stay the base's
+            assert (
+                "model.layers.0.attention.q_proj.weight" in changed and "model.layers.0.mlp.up_proj.weight" in changed
+            )
+            assert all(".memory." in name or name.endswith("_proj.weight") for name in changed), changed
