@@ -374,3 +374,12 @@ def test_convert_then_finetune_scripts(tmp_path):
                 "model.layers.0.attention.q_proj.weight" in changed and "model.layers.0.mlp.up_proj.weight" in changed
             )
             assert all(".memory." in name or name.endswith("_proj.weight") for name in changed), changed
+
+
+def test_a_bfloat16_base_converts_in_bfloat16():
+    base = make_base("qwen3").to(torch.bfloat16)
+    model = TitansForCausalLM.from_base_model(base, memory_chunk_size=4).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    x = tokens(24)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits.argmax(-1), base(x).logits.argmax(-1))

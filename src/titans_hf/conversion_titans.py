@@ -179,13 +179,12 @@ def convert_base_model(
         )
     config = titans_config_from_base(base.config, variant, sliding_window, memory_layers, **config_overrides)
     parameter = next(base.parameters())
-    model = cls(config).to(device=parameter.device)
+    model = cls._from_config(config, dtype=parameter.dtype).to(device=parameter.device)
     _load_base_weights(model, base)
     with torch.no_grad():
         for layer in model.model.layers:
             if layer.memory is not None:
                 layer.memory.o_proj.weight.zero_()  # M(.) = 0: every layer starts as the base's
-    model.to(dtype=parameter.dtype)
     model.generation_config = type(base.generation_config).from_dict(base.generation_config.to_dict())
     return model.train(base.training)
 
