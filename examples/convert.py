@@ -110,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=64,
         help="Check the logits against the base's on this many random tokens (at most the window; 0: skip).",
     )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the new memory's initialisation.")
     parser.add_argument("--trust_remote_code", action="store_true", help="Run the base's own code from the Hub.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to --hub_model_id.")
     parser.add_argument("--hub_model_id", help="The Hub repository to push to, e.g. you/qwen3-0.6b-titans.")
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     base.eval()
     memory_layers = [int(i) for i in args.memory_layers.split(",")] if args.memory_layers else None
+    torch.manual_seed(args.seed)
     model = TitansForCausalLM.from_base_model(
         base, args.variant, args.sliding_window, memory_layers, **parse_overrides(args.config_overrides)
     ).eval()
