@@ -11,7 +11,7 @@ from transformers.modeling_rope_utils import RopeParameters
 VARIANTS = ("mac", "mag", "mal", "lmm")
 
 # RoPE types whose frequencies are a fixed function of their parameters, with the parameters each needs and may have
-# (besides `rope_type` and `rope_theta`). Length-dependent types (`dynamic`, `longrope`) are refused in `check`.
+# (besides `rope_type` and `rope_theta`). Length-dependent types (`dynamic`, `longrope`) are refused in `check_rope`.
 ROPE_TYPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "default": ((), ()),
     "linear": (("factor",), ()),

@@ -14,10 +14,12 @@ Titans cannot hold: each is refused with what is missing.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers.utils import logging
 
@@ -109,8 +111,8 @@ def titans_config_from_base(
             f"sliding_window={window} is longer than the base's trained context ({trained} tokens): the converted "
             "model is exact there, but the base never learned to attend that far."
         )
-    qkv_bias = {"llama": "attention_bias", "qwen3": "attention_bias"}.get(model_type)
-    attention_bias = bool(getattr(base_config, qkv_bias)) if qkv_bias else model_type == "qwen2"
+    # Llama's and Qwen3's `attention_bias` covers q, k, v and o; Qwen2 has biases on q, k, v only; Mistral none.
+    attention_bias = model_type == "qwen2" or bool(getattr(base_config, "attention_bias", False))
     values = dict(
         variant="mal",
         vocab_size=base_config.vocab_size,
@@ -162,16 +164,12 @@ def convert_base_model(
         config_overrides: other :class:`TitansConfig` fields, for the memory (``memory_chunk_size``,
             ``memory_depth``, ...); not the base's own (:data:`BASE_FIELDS`).
     """
-    if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(base)
+    if isinstance(base, (str, os.PathLike)):
+        base = transformers.AutoModelForCausalLM.from_pretrained(base)
     if not isinstance(base, nn.Module) or not hasattr(base, "config"):
         raise TypeError(f"base must be a pretrained causal LM or a folder / Hub id, got {type(base).__name__}.")
     model_type = getattr(base.config, "model_type", None)
     expected = SUPPORTED_BASES.get(model_type)
-    import transformers
-
     if expected is None or not isinstance(base, getattr(transformers, expected)):
         raise ValueError(
             f"Cannot convert a {type(base).__name__} (model_type {model_type!r}): the bases that convert exactly are "
