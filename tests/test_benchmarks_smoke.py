@@ -106,3 +106,20 @@ def test_flops_quick(tmp_path):
     report = json.loads((tmp_path / "flops.json").read_text())
     assert {r["name"] for r in report["rows"]} >= {"mag", "llama", "titans-hf memory"}
     assert all(r["gflop"] > 0 and r["seconds"] > 0 for r in report["rows"])
+
+
+def test_pretrained_memory_quick(tmp_path):
+    """Train a tiny Llama base, convert it, fine-tune three ways, evaluate: the conversion is exact on the trained
+    base within the window, and equals the base with the same sliding window at every length."""
+    script = "pretrained_memory.py"
+    stdout = run_benchmark(script, "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work"),
+                           *text_arguments(script))  # fmt: skip
+    for heading in ("### Conversion exact", "### Bits per byte by position", "### Pass-key recall", "### Cost"):
+        assert heading in stdout
+    report = json.loads((tmp_path / "pretrained_memory.json").read_text())
+    window = report["settings"]["window"]
+    assert all(row["vs_windowed_base"] < 1e-5 for row in report["exactness"])
+    assert all(row["vs_base"] < 1e-5 for row in report["exactness"] if row["length"] <= window)
+    assert report["greedy"]["base"] and report["greedy"]["windowed_base"]
+    assert set(report["finetune"]) == {"memory", "memory+lora", "lora"}
+    assert (tmp_path / "pretrained_memory.png").stat().st_size > 0

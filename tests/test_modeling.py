@@ -267,7 +267,13 @@ def test_a_tiny_model_learns(variant):
         (dict(memory_max_lr=0.0), "memory_max_lr"),
         (dict(attention_dropout=1.5), "attention_dropout"),
         (dict(training_context_length=0), "training_context_length must be an integer >= 1"),
-        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_type'\\] must be 'default'"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), r"need \['factor', 'original_max_position_"),
+        (dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0}), "change with the length of the sequence"),
+        (dict(rope_parameters={"rope_type": "su"}), "rope_type'\\] must be one of"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "beta": 1}), r"unknown \['beta'\]"),
+        (dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}), "rotates whole heads"),
+        (dict(hidden_act="swishy"), "hidden_act must be an activation"),
+        (dict(qk_norm=1), "qk_norm must be True or False"),
     ],
 )
 def test_invalid_configs(overrides, match):

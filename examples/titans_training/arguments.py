@@ -117,6 +117,19 @@ def build_parser(description: str, *, finetune: bool) -> argparse.ArgumentParser
         "--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flex_attention"], help="Attention kernel."
     )
 
+    if finetune:
+        model.add_argument(
+            "--train",
+            default="all",
+            choices=["all", "memory", "memory+lora"],
+            help="What trains: every parameter; the memory alone (the rest frozen, e.g. a model converted from a "
+            "pretrained base with examples/convert.py keeps its base); or the memory and LoRA adapters on the "
+            "attention and MLP projections (merged into the saved model; needs peft).",
+        )
+        model.add_argument("--lora_r", type=int, default=16, help="--train memory+lora: the adapters' rank.")
+        model.add_argument("--lora_alpha", type=float, help="--train memory+lora: LoRA's alpha (default: 2 x r).")
+        model.add_argument("--lora_dropout", type=float, default=0.0, help="--train memory+lora: LoRA's dropout.")
+
     train = parser.add_argument_group("optimisation")
     train.add_argument("--per_device_train_batch_size", type=int, default=8 if not finetune else 4)
     train.add_argument("--per_device_eval_batch_size", type=int, default=8 if not finetune else 4)
@@ -235,6 +248,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--report_to must be 'none' or a comma-separated list of {TRACKERS}, got {args.report_to!r}."
             )
+    if getattr(args, "lora_r", 1) < 1:
+        raise ValueError(f"--lora_r must be >= 1, got {args.lora_r}.")
+    if not 0 <= getattr(args, "lora_dropout", 0.0) < 1:
+        raise ValueError(f"--lora_dropout must lie in [0, 1), got {args.lora_dropout}.")
     prompt, response = getattr(args, "prompt_column", None), getattr(args, "response_column", None)
     if (prompt is None) != (response is None):
         raise ValueError("Prompt/response mode needs both --prompt_column and --response_column.")

@@ -87,6 +87,7 @@ def run_fingerprint(run: TrainingRun, max_train_steps: int) -> dict[str, Any]:
             "max_grad_norm": args.max_grad_norm,
             "schedule": [args.lr_scheduler_type, args.num_warmup_steps, args.min_lr_ratio, max_train_steps],
             "seed": args.seed,
+            "train": [getattr(args, "train", "all"), getattr(args, "lora_r", None), getattr(args, "lora_alpha", None)],
         }
     )
 

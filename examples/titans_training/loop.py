@@ -189,6 +189,7 @@ class Report:
         hparams = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers(args.run_name or run.output_dir.name, config=hparams)
         self.num_parameters = sum(p.numel() for p in accelerator.unwrap_model(run.model).parameters())
+        self.num_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
         log(accelerator, self.describe())
         self.history: list[dict[str, Any]] = []
         self.progress = tqdm(
@@ -209,7 +210,8 @@ class Report:
         if self.stream.prepared:
             epochs = f" (~{self.max_train_steps * args.per_device_train_batch_size * grad_accum / self.stream.per_epoch:.2f} epochs)"
         return (
-            f"***** {run.kind}: {run.model_name} ({self.num_parameters / 1e6:.2f}M parameters) on {run.data.source} "
+            f"***** {run.kind}: {run.model_name} ({self.num_parameters / 1e6:.2f}M parameters, "
+            f"{self.num_trainable / 1e6:.2f}M trained) on {run.data.source} "
             f"*****\n  processes {world} ({accelerator.distributed_type.value}, {accelerator.device}), mixed "
             f"precision {accelerator.mixed_precision}\n  batch {args.per_device_train_batch_size} x {grad_accum} "
             f"accumulation x {world} processes of <= {run.block_size} tokens (<= {tokens_per_step} tokens per step)\n"

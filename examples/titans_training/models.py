@@ -14,7 +14,13 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from titans_hf import TitansConfig, TitansForCausalLM  # importing titans_hf registers the Auto classes
+from titans_hf import (  # importing titans_hf registers the Auto classes
+    BASE_LORA_TARGETS,
+    MEMORY_MODULES,
+    TitansConfig,
+    TitansForCausalLM,
+    mark_only_memory_as_trainable,
+)
 
 from .data import EXAMPLES_DIR
 
@@ -193,6 +199,31 @@ def create_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
     config = apply_overrides(config, args.config_overrides)
     model = TitansForCausalLM._from_config(config, attn_implementation=args.attn_implementation)
     return model, name if name.startswith("titans") else f"titans-{name}"
+
+
+def select_trainable(model: TitansForCausalLM, args: argparse.Namespace) -> torch.nn.Module:
+    """``--train``: every parameter (the model itself), the memory alone (the rest frozen), or the memory in full and
+    LoRA adapters on the attention and MLP projections (a ``peft.PeftModel``, merged back when saved)."""
+    train = getattr(args, "train", "all")
+    if train == "memory":
+        mark_only_memory_as_trainable(model)
+    elif train == "memory+lora":
+        try:
+            import peft
+        except ImportError as error:
+            raise ValueError("--train memory+lora needs peft: pip install -e '.[peft]'.") from error
+        if not any(layer.memory is not None for layer in model.model.layers):
+            raise ValueError("--train memory+lora: the model has no memory (memory_layers is empty).")
+        config = peft.LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha or 2 * args.lora_r,
+            lora_dropout=args.lora_dropout,
+            target_modules=BASE_LORA_TARGETS,
+            modules_to_save=MEMORY_MODULES,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, config)
+    return model
 
 
 def set_activation_checkpointing(model: Any, enable: bool) -> None:

@@ -111,6 +111,8 @@ def write_model_card(run: TrainingRun, results: dict[str, Any], sample: str) -> 
         "schedule": f"{args.lr_scheduler_type}, {args.num_warmup_steps} warmup steps, floor {args.min_lr_ratio} x peak",
         "mixed precision": run.accelerator.mixed_precision,
         "parameters": f"{results['num_parameters'] / 1e6:.2f}M",
+        "what trained": getattr(args, "train", "all")
+        + (f" (LoRA r={args.lora_r})" if getattr(args, "train", "all") == "memory+lora" else ""),
     }
     config_json = json.dumps(
         {k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}, indent=2
@@ -158,6 +160,9 @@ def finish(run: TrainingRun, results: dict[str, Any]) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(run.model)
     unwrapped = accelerator.unwrap_model(run.model)
+    if hasattr(unwrapped, "merge_and_unload"):  # --train memory+lora: a plain Titans model again
+        unwrapped = unwrapped.merge_and_unload()
+        state_dict = unwrapped.state_dict()
     if args.gradient_checkpointing:
         set_activation_checkpointing(unwrapped, False)
     if accelerator.is_main_process:

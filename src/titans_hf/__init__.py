@@ -18,6 +18,7 @@ from transformers import (
 from . import modeling_titans
 from .cache_titans import TitansCache
 from .configuration_titans import TitansConfig
+from .conversion_titans import BASE_LORA_TARGETS, MEMORY_MODULES, mark_only_memory_as_trainable
 from .modeling_titans import (  # noqa: F401 (exported through modeling_titans.__all__)
     TitansForCausalLM,
     TitansForQuestionAnswering,
@@ -44,4 +45,14 @@ TitansForSequenceClassification.register_for_auto_class("AutoModelForSequenceCla
 TitansForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 TitansForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 
-__all__ = ["NeuralMemory", "NeuralMemoryState", "TitansCache", "TitansConfig", *modeling_titans.__all__, "__version__"]
+__all__ = [
+    "BASE_LORA_TARGETS",
+    "MEMORY_MODULES",
+    "NeuralMemory",
+    "NeuralMemoryState",
+    "TitansCache",
+    "TitansConfig",
+    "mark_only_memory_as_trainable",
+    *modeling_titans.__all__,
+    "__version__",
+]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
@@ -11,6 +12,18 @@ from .memory_rule import check_memory_arguments
 from .rule_registry import MEMORY_RULES, rule_class, rule_settings
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
+
+# RoPE types whose frequencies are a fixed function of their parameters, with the parameters each needs and may have
+# (besides `rope_type` and `rope_theta`). Length-dependent types (`dynamic`, `longrope`) are refused in `check_rope`.
+ROPE_TYPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
+}
 
 
 @strict
@@ -20,8 +33,24 @@ class TitansConfig(PreTrainedConfig):
     long-term memory, composed with attention as one of the paper's four variants.
 
     Standard fields follow Llama (`vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`,
-    `num_attention_heads`, `num_key_value_heads`, `head_dim`, `rope_parameters`, `rms_norm_eps`,
-    `initializer_range`, `tie_word_embeddings`, `pad/bos/eos_token_id`, `use_cache`, `attention_dropout`).
+    `num_attention_heads`, `num_key_value_heads`, `head_dim`, `hidden_act`, `rope_parameters`, `rms_norm_eps`,
+    `initializer_range`, `tie_word_embeddings`, `pad/bos/eos_token_id`, `use_cache`, `attention_dropout`,
+    `attention_bias`, `mlp_bias`), so that a Llama, Mistral, Qwen2 or Qwen3 checkpoint converts exactly
+    ([`TitansForCausalLM.from_base_model`]):
+
+    attention_bias (`bool`, defaults to `False`): biases on the attention's q, k, v and output projections (Llama's
+        `attention_bias`).
+    attention_output_bias (`bool`, *optional*): bias on the attention's output projection; defaults to
+        `attention_bias` (Qwen2 has biases on q, k and v only).
+    mlp_bias (`bool`, defaults to `False`): biases on the MLP's projections (Llama's `mlp_bias`).
+    qk_norm (`bool`, defaults to `False`): a per-head RMSNorm on the queries and keys before RoPE (Qwen3).
+    hidden_act (`str`, defaults to `"silu"`): the activation of the gated MLP (a key of `transformers.ACT2FN`).
+    rope_parameters (`dict`, *optional*): `rope_type` `"default"`, `"linear"`, `"llama3"` or `"yarn"`, with their
+        parameters (`factor`, ...; the scaled types also `original_max_position_embeddings`, which Transformers would
+        otherwise take from the absent `max_position_embeddings`). Attention only sees distances inside its window
+        or segment, so a model trained from scratch needs no scaling; a converted model keeps its base's frequencies
+        (and yarn's attention scaling) to start as the base. Length-dependent types (`dynamic`, `longrope`) are
+        refused: their frequencies change with the length of the sequence.
 
     There is deliberately no `max_position_embeddings`: the model has no length limit (relative RoPE inside a
     bounded window or segment, a recurrent memory), and Transformers' `generate()` and evaluation harnesses read that
@@ -108,6 +137,11 @@ class TitansConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
     use_cache: bool = True
     attention_dropout: float | int = 0.0
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    attention_output_bias: bool | None = None
+    mlp_bias: bool = False
+    qk_norm: bool = False
 
     variant: str = "mac"
     segment_size: int = 512
@@ -135,6 +169,8 @@ class TitansConfig(PreTrainedConfig):
             self.variant = self.variant.lower()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
         if self.head_dim is None and _positive(self.num_attention_heads):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_persistent_tokens is None:
@@ -221,10 +257,14 @@ class TitansConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        if self.rope_parameters.get("rope_type", "default") != "default":
+        self.check_rope()
+        for name in ("attention_bias", "attention_output_bias", "mlp_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.hidden_act not in ACT2FN:
             raise ValueError(
-                "rope_parameters['rope_type'] must be 'default': attention only ever sees distances inside its window "
-                f"or segment, so no RoPE scaling is needed at any length; got {self.rope_parameters!r}."
+                f"hidden_act must be an activation of transformers.ACT2FN (e.g. 'silu', 'gelu_pytorch_tanh'), got "
+                f"{self.hidden_act!r}."
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
@@ -262,6 +302,55 @@ class TitansConfig(PreTrainedConfig):
                 f"variant='lmm' needs a memory in every layer (memory_layers = all {self.num_hidden_layers} "
                 f"layers), got {layers!r}."
             )
+
+    def check_rope(self) -> None:
+        """Raises ``ValueError`` unless ``rope_parameters`` is a length-independent RoPE with its parameters."""
+        rope = self.rope_parameters
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be a dict with a 'rope_type', got {rope!r}.")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(
+                f"rope_parameters['rope_type'] {rope_type!r} is not supported: its frequencies change with the length "
+                "of the sequence, and Titans reads streams of any length with attention over a bounded window. Use "
+                f"one of {tuple(ROPE_TYPES)} (a converted 'dynamic' base is exactly 'default' within its trained "
+                "length, and is converted as such)."
+            )
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_parameters['rope_type'] must be one of {tuple(ROPE_TYPES)}, got {rope_type!r}.")
+        required, optional = ROPE_TYPES[rope_type]
+        given = set(rope) - {"rope_type", "type", "rope_theta"}
+        missing = [k for k in required if rope.get(k) is None]
+        unknown = sorted(given - set(required) - set(optional) - {"partial_rotary_factor"})
+        if missing or unknown:
+            raise ValueError(
+                f"rope_parameters of rope_type {rope_type!r} need {list(required) or 'no other keys'}"
+                + (f" (and may have {list(optional)})" if optional else "")
+                + f"; missing {missing}, unknown {unknown}: got {rope!r}."
+            )
+        theta = rope.get("rope_theta", self.default_theta)
+        if not (isinstance(theta, (int, float)) and theta > 0):
+            raise ValueError(f"rope_parameters['rope_theta'] must be a number > 0, got {theta!r}.")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"rope_parameters['partial_rotary_factor'] must be 1.0 (Titans rotates whole heads), got "
+                f"{rope['partial_rotary_factor']!r}."
+            )
+        for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
+            if key in rope and not (isinstance(rope[key], (int, float)) and rope[key] > 0):
+                raise ValueError(f"rope_parameters[{key!r}] must be a number > 0, got {rope[key]!r}.")
+
+    def standardize_rope_params(self) -> None:
+        """Transformers' version fills a scaled RoPE's `original_max_position_embeddings` from
+        `max_position_embeddings`, which this config does not have: here it must be given (`check_rope`)."""
+        rope = self.rope_parameters or {}
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        rope.setdefault("rope_theta", getattr(self, "rope_theta", None) or self.default_theta)
+        self.rope_parameters = rope
+
+    def validate_rope(self) -> None:
+        """Part of `@strict`-powered validation: `check_rope` (Transformers' version reads `max_position_embeddings`)."""
+        self.check_rope()
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation (e.g. after editing a field): the same checks as at construction."""

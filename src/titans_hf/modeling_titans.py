@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -41,6 +42,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -49,6 +51,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_titans import SegmentState, TitansCache, TitansCacheLayer, WindowState
 from .configuration_titans import TitansConfig
+from .conversion_titans import convert_base_model
 from .neural_memory import NeuralMemory, NeuralMemoryState, TokenPacking, _select_rows, _where_batch
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -72,14 +75,23 @@ class TitansRMSNorm(nn.Module):
 
 
 class TitansRotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoPE) for the attention queries and keys, at per-sequence positions. Unscaled at
-    every length: attention only sees distances inside its window or segment."""
+    """Rotary position embedding (RoPE) for the attention queries and keys, at per-sequence positions.
+
+    Attention only sees distances inside its window or segment, so a model trained from scratch needs no scaling
+    (`rope_type` "default"). A model converted from a pretrained base keeps the base's frequencies (`linear`,
+    `llama3`, `yarn`: computed by Transformers' ``ROPE_INIT_FUNCTIONS``) and yarn's attention scaling, so that it
+    starts as the base."""
 
     def __init__(self, config: TitansConfig):
         super().__init__()
         self.config = config
-        self.rope_type = "default"  # what `PreTrainedModel._init_weights` recomputes the buffers with
-        inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        self.rope_type = config.rope_parameters.get("rope_type", "default")  # what `_init_weights` recomputes with
+        compute = (
+            self.compute_default_rope_parameters
+            if self.rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = compute(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
@@ -112,16 +124,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class TitansMLP(nn.Module):
-    """SwiGLU feed-forward block."""
+    """Gated feed-forward block: ``down(act(gate(x)) * up(x))``, SwiGLU with the default ``hidden_act="silu"``."""
 
     def __init__(self, config: TitansConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TitansGate(nn.Module):
@@ -275,10 +288,14 @@ class TitansAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias)
+        # Qwen3's per-head RMSNorm of the queries and keys, before RoPE (`qk_norm`).
+        self.q_norm = TitansRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = TitansRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.num_persistent = config.num_persistent_tokens
         self.persistent = (
             nn.Parameter(torch.empty(self.num_persistent, config.hidden_size)) if self.num_persistent else None
@@ -286,14 +303,15 @@ class TitansAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ pieces
 
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        return x.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)
+    def _heads(self, x: torch.Tensor, heads: int, norm: TitansRMSNorm | None = None) -> torch.Tensor:
+        x = x.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)
+        return x if norm is None else norm(x)
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return apply_rotary(self._heads(self.q_proj(x), self.num_heads), cos, sin)
+        return apply_rotary(self._heads(self.q_proj(x), self.num_heads, self.q_norm), cos, sin)
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = apply_rotary(self._heads(self.k_proj(x), self.num_key_value_heads), cos, sin)
+        keys = apply_rotary(self._heads(self.k_proj(x), self.num_key_value_heads, self.k_norm), cos, sin)
         return keys, self._heads(self.v_proj(x), self.num_key_value_heads)
 
     def persistent_key_values(
@@ -310,7 +328,7 @@ class TitansAttention(nn.Module):
         if cached is not None and not torch.is_grad_enabled() and cached.dtype == dtype and cached.shape[0] == batch:
             return cached, state.persistent_values
         p = self.persistent.to(dtype).unsqueeze(0)
-        keys = self._heads(self.k_proj(p), self.num_key_value_heads).expand(batch, -1, -1, -1)
+        keys = self._heads(self.k_proj(p), self.num_key_value_heads, self.k_norm).expand(batch, -1, -1, -1)
         return keys, self._heads(self.v_proj(p), self.num_key_value_heads).expand(batch, -1, -1, -1)
 
     @staticmethod
@@ -956,7 +974,8 @@ class TitansPreTrainedModel(PreTrainedModel):
           them (Transformers would re-initialise or drop them with a warning). ``ignore_mismatched_sizes=True``
           re-initialises tensors of another shape as in Transformers. Task heads are not the base model: a head
           the checkpoint lacks (e.g. ``score`` when a language model's checkpoint starts a classifier) is
-          initialised as usual, and another task's head in the checkpoint (its ``lm_head``) is left out.
+          initialised as usual, and another task's head in the checkpoint (its ``lm_head``) is left out; but a
+          checkpoint saved by the same class must hold its head (e.g. a language model's untied ``lm_head``).
 
         A truncated or corrupt weights file raises a ``ValueError`` naming the checkpoint.
         """
@@ -1004,7 +1023,10 @@ class TitansPreTrainedModel(PreTrainedModel):
             return ", ".join(keys[:12]) + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
 
         mismatched = [] if ignore_mismatched_sizes else sorted(info["mismatched_keys"])
-        missing = [k for k in info["missing_keys"] if base(k)]
+        # A checkpoint of this very class (not a head started from another task's checkpoint) must hold its head too,
+        # e.g. a causal LM's untied lm_head.
+        own_checkpoint = cls.__name__ in (model.config.architectures or ())
+        missing = [k for k in info["missing_keys"] if base(k) or own_checkpoint]
         unexpected = [k for k in info["unexpected_keys"] if base(k)]  # another task's head (lm_head, score) is dropped
         if mismatched or missing or unexpected:
             problems = []
@@ -1199,7 +1221,7 @@ class TitansModel(TitansPreTrainedModel):
 class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
     """Titans with a language-modelling head (tied to the input embeddings by default)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # unless tie_word_embeddings=False
 
     def __init__(self, config: TitansConfig):
         super().__init__(config)
@@ -1207,6 +1229,30 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_base_model(
+        cls,
+        base: PreTrainedModel | str,
+        variant: str = "mal",
+        sliding_window: int | None = None,
+        memory_layers: list[int] | None = None,
+        **config_overrides,
+    ) -> TitansForCausalLM:
+        r"""
+        A pretrained `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` or `Qwen3ForCausalLM` (loaded, or a
+        folder / Hub id) as a Titans model that starts as the base: MAL with the base's attention, MLP, norms,
+        embeddings and head, and a new memory in `memory_layers` whose output starts at zero. On any sequence no
+        longer than `sliding_window` (default: the base's own window, else its trained context) the logits are the
+        base's; beyond it, it is the base with sliding-window attention plus a memory to fine-tune. The other variants,
+        persistent tokens and bases Titans cannot hold exactly are refused with the reason. `config_overrides` set the
+        memory (`memory_chunk_size`, `memory_depth`, ...). See `conversion_titans.py`.
+
+        ```python
+        >>> model = TitansForCausalLM.from_base_model("Qwen/Qwen3-0.6B", sliding_window=4096, memory_chunk_size=64)
+        ```
+        """
+        return convert_base_model(cls, base, variant, sliding_window, memory_layers, **config_overrides)
 
     # The task's arguments are named here; the model's (cache, inputs_embeds, use_cache, ...) pass through **kwargs.
     @can_return_tuple
