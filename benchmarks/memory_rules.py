@@ -63,6 +63,8 @@ def run_recall(rule: str, extra: str, seeds: list[int], args, tag: str, quick: b
 def run_lm(rule: str, extra: str, seeds: list[int], args, tag: str, quick: bool) -> dict:
     argv = ["--models", "mag", "--seeds", *map(str, seeds), "--titans-config", f"memory_rule={rule}{extra}"]
     argv += ["--threads", str(args.threads), "--out", str(args.out / "memory_rules"), "--tag", tag]
+    argv += [] if args.train is None else ["--train", *args.train]
+    argv += [] if args.validation is None else ["--validation", *args.validation]
     if quick:
         argv.append("--quick")
     elif args.stage == "sweep":
@@ -127,6 +129,8 @@ def main(argv=None) -> dict:
     p.add_argument("--speed-rounds", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train", nargs="+", default=None, help="LM training text (default: lm_quality.py's)")
+    p.add_argument("--validation", nargs="+", default=None, help="LM validation text (default: lm_quality.py's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     setup(args.threads)

@@ -123,3 +123,24 @@ def test_pretrained_memory_quick(tmp_path):
     assert report["greedy"]["base"] and report["greedy"]["windowed_base"]
     assert set(report["finetune"]) == {"memory", "memory+lora", "lora"}
     assert (tmp_path / "pretrained_memory.png").stat().st_size > 0
+
+
+def test_memory_rules_quick(tmp_path):
+    """Every stage's machinery: two rules through recall.py and lm_quality.py, the speed rounds, the table."""
+    text = [] if HAS_DATA else ["--train", str(SHIPPED), "--validation", str(SHIPPED)]
+    out = run_benchmark("memory_rules.py", "--quick", "--out", str(tmp_path), *text)
+    assert "| titans-hf |" in out and "| titans " in out and "step vs titans-hf" in out
+    assert json.loads((tmp_path / "memory_rules_evidence_quick.json").read_text())["step_seconds"]
+
+
+def test_launches_quick(tmp_path):
+    out = run_benchmark("launches.py", "--quick", "--variants", "mag", "--out", str(tmp_path))
+    assert "closed form (backward)" in out and "| total |" in out
+
+
+def test_compile_time_point(tmp_path):
+    """One point of the grid, in its own process: a tiny MAG's training step compiled per layer."""
+    args = ["--backends", "aot_eager", "--modes", "train", "--tokens", "64", "--layers", "1", "--steps", "1"]
+    out = run_benchmark("compile_time.py", *args, "--out", str(tmp_path))
+    row = json.loads((tmp_path / "compile_time.json").read_text())["rows"][0]
+    assert "error" not in row and row["graphs"] == 1 and not row["thrice_recompiled"], (row, out)
