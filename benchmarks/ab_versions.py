@@ -12,7 +12,7 @@ timed runs after a warm-up), every round's value, and head / base. Saves ``resul
 
 ``--outputs`` checks instead that the two revisions compute the same numbers, bit for bit: logits of full, padded
 and cached calls (in pieces and token by token), every parameter gradient and every cache tensor, for every variant
-and several memory settings, in float64 and float32 (the tiny models of ``tests/tiny.py``):
+and several memory settings (chunk size 1 among them), in float64 and float32 (the tiny models of ``tests/tiny.py``):
 
     python benchmarks/ab_versions.py --base a9c64d8 --outputs
 """
@@ -106,7 +106,7 @@ def outputs(src: Path, path: Path) -> None:
     for dtype in (torch.float64, torch.float32):
         for variant in VARIANTS:
             extra = {"mac_memory_input": "attention"} if variant == "mac" else {"num_persistent_tokens": 0}
-            for overrides in ({}, {"memory_momentum": False}, {"memory_depth": 1}, extra):
+            for overrides in ({}, {"memory_momentum": False}, {"memory_depth": 1}, {"memory_chunk_size": 1}, extra):
                 tag = f"{dtype}-{variant}-{sorted(overrides.items())}"
                 model = tiny_model(variant, dtype=dtype, **overrides)
                 logits = model(ids).logits

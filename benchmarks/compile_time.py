@@ -70,7 +70,9 @@ def build(preset: str | None, layers: int):
     return TitansForCausalLM(config)
 
 
-def measure(backend: str, mode: str, tokens: int, layers: int, whole: bool, preset: str | None, steps: int) -> dict:
+def measure(
+    backend: str, mode: str, tokens: int, layers: int, whole: bool, preset: str | None, steps: int, longer: bool
+) -> dict:
     """One measurement, in this process (see the module docstring)."""
     import torch
     from torch._dynamo.utils import counters
@@ -115,9 +117,11 @@ def measure(backend: str, mode: str, tokens: int, layers: int, whole: bool, pres
     first = timed(lambda: step(compiled, tokens))
     times = [timed(lambda: step(compiled, tokens)) for _ in range(steps)]
     graphs = counters["stats"]["unique_graphs"]
-    twice = timed(lambda: step(compiled, 2 * tokens))
-    after_twice = counters["stats"]["unique_graphs"]
-    timed(lambda: step(compiled, 3 * tokens))
+    twice, after_twice = None, graphs
+    if longer:
+        twice = timed(lambda: step(compiled, 2 * tokens))
+        after_twice = counters["stats"]["unique_graphs"]
+        timed(lambda: step(compiled, 3 * tokens))
     step_s = statistics.median(times)
     return {
         "backend": backend,
@@ -132,8 +136,8 @@ def measure(backend: str, mode: str, tokens: int, layers: int, whole: bool, pres
         "eager_s": eager,
         "graphs": graphs,
         "twice_s": twice,
-        "twice_recompiled": after_twice > graphs,
-        "thrice_recompiled": counters["stats"]["unique_graphs"] > after_twice,
+        "twice_recompiled": after_twice > graphs if longer else None,
+        "thrice_recompiled": counters["stats"]["unique_graphs"] > after_twice if longer else None,
     }
 
 
@@ -155,10 +159,17 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(
             f"| {r['backend']} | {r['mode']} | {r['tokens']} | {r['layers']} | {r['compile_s']:.1f} | {r['step_s']:.3f} "
-            f"| {r['eager_s']:.3f} | {r['graphs']} | {r['twice_s']:.1f} ({'yes' if r['twice_recompiled'] else 'no'}) "
-            f"| {'yes' if r['thrice_recompiled'] else 'no'} |"
+            f"| {r['eager_s']:.3f} | {r['graphs']} | {_longer(r)} |"
         )
     return "\n".join(lines)
+
+
+def _longer(row: dict) -> str:
+    """The two cells of the longer calls (``-`` when not measured)."""
+    if row["twice_s"] is None:
+        return "- | -"
+    twice = f"{row['twice_s']:.1f} ({'yes' if row['twice_recompiled'] else 'no'})"
+    return f"{twice} | {'yes' if row['thrice_recompiled'] else 'no'}"
 
 
 def ratios(rows: list[dict]) -> list[str]:
@@ -221,6 +232,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--preset", default=None, help="a preset of examples/configs, e.g. 170m (MAG)")
     p.add_argument("--whole", action="store_true", help="compile the whole model instead of each layer")
     p.add_argument("--steps", type=int, default=3, help="steady steps timed after the first")
+    p.add_argument("--no-longer", action="store_true", help="skip the calls at 2x and 3x the tokens")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="compile_time")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -238,7 +250,8 @@ def main(argv=None) -> list[dict]:
         for mode in args.modes:
             for tokens, layers in grid:
                 job = dict(backend=backend, mode=mode, tokens=tokens, layers=layers, whole=args.whole)
-                rows.append(in_subprocess(**job, preset=args.preset, steps=1 if args.quick else args.steps))
+                steps = 1 if args.quick else args.steps
+                rows.append(in_subprocess(**job, preset=args.preset, steps=steps, longer=not args.no_longer))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     print("\n" + table(rows) + "\n")
     lines = ratios(rows)

@@ -51,7 +51,7 @@ def recall(memory: NeuralMemory, gap: int, pairs: int, trials: int, seed: int = 
     keys = F.normalize(torch.randn(trials, length, dim, generator=generator, dtype=torch.float64), dim=-1) * 3
     values = torch.randn(trials, length, dim, generator=generator, dtype=torch.float64)
     with torch.no_grad():
-        _, state = memory(torch.cat([keys, values], dim=-1))
+        state = memory(torch.cat([keys, values], dim=-1)).state
         stored = F.normalize(F.silu(keys[:, :pairs]), dim=-1)
         read = memory_mlp(state.weights, stored.unsqueeze(1).expand(-1, memory.num_heads, -1, -1), memory.residual)
     targets = F.normalize(F.silu(values[:, :pairs]), dim=-1)

@@ -679,13 +679,14 @@ def test_one_token_coefficients_are_the_general_forms_bit_for_bit(momentum, budg
     scale = 1.0 / (1.0 + torch.rand(2, 3, 2, dtype=torch.float64)) if budget else None
     first = torch.zeros(2, 3, dtype=torch.long)
     general = linear_recurrence(steps, log_momentum, log_retention, first, scale)
-    one = linear_recurrence(
-        steps[..., :1],
-        None if log_momentum is None else log_momentum[..., :1],
-        log_retention[..., :1],
-        None,
-        None if scale is None else scale[..., :1],
-    )
+    with torch.no_grad():  # (the shortcut: a decoding step)
+        one = linear_recurrence(
+            steps[..., :1],
+            None if log_momentum is None else log_momentum[..., :1],
+            log_retention[..., :1],
+            None,
+            None if scale is None else scale[..., :1],
+        )
     assert torch.equal(one.read, general.read[..., :1, :])
     assert torch.equal(one.gain, general.gain[..., :1, :1])
     assert torch.equal(one.write, general.write[..., :1, :])

@@ -354,6 +354,11 @@ class TitansCache(Cache):
             raise ValueError(f"{path} is not a TitansCache snapshot (no signature in its metadata).")
         cache = cls(config)
         saved = json.loads(metadata["signature"])
+        if "memory_rule" not in saved:
+            raise ValueError(
+                f"{path} was saved by titans-hf 0.1.0 (before memory rules), whose snapshots this version does not read: "
+                "start a new stream."
+            )
         if saved != cache.signature:
             different = {k: (saved.get(k), v) for k, v in cache.signature.items() if saved.get(k) != v}
             raise ValueError(f"{path} was saved for another configuration: {different} (snapshot value, model value).")

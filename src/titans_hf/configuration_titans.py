@@ -214,8 +214,10 @@ class TitansConfig(PreTrainedConfig):
 
     @property
     def memory_rule_settings(self) -> dict:
-        """The memory rule's own settings, by name (e.g. ``{"moneta_p": 3, "moneta_q": 4}``)."""
-        return {name: getattr(self, name) for name in rule_class(self.memory_rule).settings}
+        """The memory rule's own settings, by name (e.g. ``{"moneta_p": 3, "moneta_q": 4}``; a setting not set: the
+        rule's default)."""
+        settings = rule_class(self.memory_rule).settings
+        return {name: getattr(self, name, setting.default) for name, setting in settings.items()}
 
     def check(self) -> None:
         """Raises ``ValueError`` naming the first invalid field and what is allowed."""
@@ -237,6 +239,8 @@ class TitansConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
         if self.memory_rule not in MEMORY_RULES:
             raise ValueError(f"memory_rule must be one of {sorted(MEMORY_RULES)}, got {self.memory_rule!r}.")
+        if self.memory_max_weight_rms == "auto":  # (resolved when the config is built; again after an edit)
+            self.memory_max_weight_rms = rule_class(self.memory_rule).defaults["max_weight_rms"]
         check_memory_arguments(  # the memory's own checks (NeuralMemory runs the same)
             prefix="memory_",
             num_heads=self.memory_num_heads,
@@ -250,8 +254,7 @@ class TitansConfig(PreTrainedConfig):
             max_lr=self.memory_max_lr,
             max_weight_rms=self.memory_max_weight_rms,
         )
-        rule = rule_class(self.memory_rule)
-        rule.check_settings({name: getattr(self, name) for name in rule.settings if hasattr(self, name)})
+        rule_class(self.memory_rule).check_settings(self.memory_rule_settings)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "

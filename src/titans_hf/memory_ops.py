@@ -281,11 +281,11 @@ def _chunk_carry(
     """The state after a run's last token (:func:`chunk_forward`)."""
     new_states = []
     for state, abar, delta in zip(states, inputs, deltas):
-        slots, d_in, d_out = state.shape[-3:]
+        matrices, d_in, d_out = state.shape[-3:]
         carried = (c.transition @ state.flatten(-2)).view_as(state)
         # Every matrix += abar^T (write_s * delta), all in one matmul: (d_in, C_k) @ (C_k, s * d_out).
         scaled_errors = (delta.unsqueeze(-2) * c.write.unsqueeze(-1)).flatten(-2)
-        written = (abar.transpose(-1, -2) @ scaled_errors).unflatten(-1, (slots, d_out)).transpose(-2, -3)
+        written = (abar.transpose(-1, -2) @ scaled_errors).unflatten(-1, (matrices, d_out)).transpose(-2, -3)
         new_states.append(carried + written)
     return new_states
 
@@ -458,10 +458,10 @@ def _backward_reads(
         if d_p is None:
             break
         state, a, abar = states[layer], query_inputs[layer], key_side.inputs[layer]
-        slots, d_in, d_out = state.shape[-3:]
+        matrices, d_in, d_out = state.shape[-3:]
         scaled = (a.unsqueeze(-2) * c.read.unsqueeze(-1)).flatten(-2)
         d_states[layer] = (scaled.transpose(-1, -2) @ d_p).view_as(state)
-        d_scaled = (d_p @ state.flatten(-3, -2).transpose(-1, -2)).unflatten(-1, (slots, d_in))
+        d_scaled = (d_p @ state.flatten(-3, -2).transpose(-1, -2)).unflatten(-1, (matrices, d_in))
         d_read = _accumulate(d_read, (d_scaled * a.unsqueeze(-2)).sum(-1))
         similarity = a @ abar.transpose(-1, -2)
         d_scores = d_p @ key_side.deltas[layer].transpose(-1, -2)
@@ -494,21 +494,21 @@ def _backward_carry(
     Adds into ``d_states``, ``d_abars`` and ``d_deltas``; returns ``(d_write, d_transition)``.
     """
     d_write = d_transition = None
-    slot_writes = c.write.unsqueeze(-1)  # (..., C_k, s, 1)
+    matrix_writes = c.write.unsqueeze(-1)  # (..., C_k, s, 1)
     for layer, (state, grad) in enumerate(zip(states, grad_states)):
         if grad is None:
             continue
-        slots, d_in, d_out = state.shape[-3:]
+        matrices, d_in, d_out = state.shape[-3:]
         abar, delta = key_side.inputs[layer], key_side.deltas[layer]
         d_states[layer] = _accumulate(
             d_states[layer], (c.transition.transpose(-1, -2) @ grad.flatten(-2)).view_as(state)
         )
         d_transition = _accumulate(d_transition, grad.flatten(-2) @ state.flatten(-2).transpose(-1, -2))
         grad_written = grad.transpose(-2, -3).flatten(-2)  # (..., d_in, s * d_out)
-        scaled_errors = (delta.unsqueeze(-2) * slot_writes).flatten(-2)
+        scaled_errors = (delta.unsqueeze(-2) * matrix_writes).flatten(-2)
         d_abars[layer] = _accumulate(d_abars[layer], scaled_errors @ grad_written.transpose(-1, -2))
-        d_scaled = (abar @ grad_written).unflatten(-1, (slots, d_out))
-        d_deltas[layer] = _accumulate(d_deltas[layer], (d_scaled * slot_writes).sum(-2))
+        d_scaled = (abar @ grad_written).unflatten(-1, (matrices, d_out))
+        d_deltas[layer] = _accumulate(d_deltas[layer], (d_scaled * matrix_writes).sum(-2))
         d_write = _accumulate(d_write, (d_scaled * delta.unsqueeze(-2)).sum(-1))
     return d_write, d_transition
 
@@ -1018,8 +1018,19 @@ def _lists(inputs: tuple) -> tuple[list, list, list]:
 
 
 def _zeros_for(grads: list, templates: list) -> list[torch.Tensor]:
-    """The gradients, zeros where none flowed (an operation returns tensors only)."""
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, templates)]
+    """The gradients, zeros where none flowed (an operation returns tensors only), all contiguous (as the fake
+    implementations say: the layouts of a compiled graph are fixed when it is traced)."""
+    return _contiguous([t.new_zeros(t.shape) if g is None else g for g, t in zip(grads, templates)])
+
+
+def _contiguous(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An operation's outputs in the layout its fake implementation gives (contiguous, whatever the inputs')."""
+    return [t.contiguous() for t in tensors]
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``t``'s shape and dtype (``empty_like`` would copy a permuted input's layout)."""
+    return t.new_empty(t.shape)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::chunk_run", mutates_args=())
@@ -1046,17 +1057,17 @@ def _run_op(
     reads, new_states, (residual, query_pre) = chunk_forward(
         kernel, states, weights, queries, keys, targets, params, c, anchors or None
     )
-    return [reads, *new_states, *([residual, *query_pre] if for_backward else [])]
+    return _contiguous([reads, *new_states, *([residual, *query_pre] if for_backward else [])])
 
 
 @_run_op.register_fake
 def _run_op_fake(
     rule, spec, for_backward, queries, keys, targets, params, read, gain, write, transition, weights, states, anchors
 ):
-    out = [torch.empty_like(queries), *(torch.empty_like(s) for s in states)]
+    out = [_empty(queries), *(_empty(s) for s in states)]
     if for_backward:
         out += [
-            torch.empty_like(targets),
+            _empty(targets),
             *(queries.new_empty(*queries.shape[:-1], w.shape[-1]) for w in weights[:-1]),
         ]
     return out
@@ -1174,7 +1185,7 @@ def _run_backward_op_fake(
     grad_states,
 ):
     coefficients = ChunkCoefficients(read, gain, write, transition)
-    return [torch.empty_like(t) for t in _run_templates(queries, keys, params, coefficients, weights, states, anchors)]
+    return [_empty(t) for t in _run_templates(queries, keys, params, coefficients, weights, states, anchors)]
 
 
 _run_op.register_autograd(_run_op_backward, setup_context=_run_op_setup)
@@ -1209,8 +1220,9 @@ def _scan_op(
     )  # fmt: skip
     reads, new_running, starts, states, bounds, query_pre, residual = out
     if not for_backward:
-        return [reads, *new_running, *starts]
-    return [reads, *new_running, *starts, *states, *(b for b in bounds if b is not None), *query_pre, residual]
+        return _contiguous([reads, *new_running, *starts])
+    saved = [*states, *(b for b in bounds if b is not None), *query_pre, residual]
+    return _contiguous([reads, *new_running, *starts, *saved])
 
 
 @_scan_op.register_fake
@@ -1232,7 +1244,7 @@ def _scan_op_fake(
     anchors,
 ):
     chunks = queries.shape[0]
-    out = [torch.empty_like(queries), *(torch.empty_like(r) for r in running)]
+    out = [_empty(queries), *(_empty(r) for r in running)]
     out += [b.new_empty(chunks if all_starts else 1, *b.shape) for b in boundary]
     if not for_backward:
         return out
@@ -1240,7 +1252,7 @@ def _scan_op_fake(
     _, saved = _kernel_rule(rule, spec).bound(list(running))  # shapes only
     out += [] if saved is None else [x.new_empty(chunks, *x.shape) for x in saved]
     out += [queries.new_empty(*queries.shape[:-1], r.shape[-1]) for r in running[:-1]]
-    return out + [torch.empty_like(targets)]
+    return out + [_empty(targets)]
 
 
 def _scan_op_setup(ctx, inputs, output) -> None:
@@ -1383,9 +1395,7 @@ def _scan_backward_op_fake(
     grad_starts,
 ):
     coefficients = ChunkCoefficients(read, gain, write, transition)
-    return [
-        torch.empty_like(t) for t in _scan_templates(queries, keys, params, coefficients, states, boundary, anchors)
-    ]
+    return [_empty(t) for t in _scan_templates(queries, keys, params, coefficients, states, boundary, anchors)]
 
 
 _scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup)

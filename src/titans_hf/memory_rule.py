@@ -130,12 +130,12 @@ def linear_recurrence(
             momentum.
         last: (``steps.shape[:-1]``, int64) the token after which the state is carried (default: the last): tokens
             after it must not move the state (with momentum, ``D_t = r D_{t-1} + S_t`` moves ``D`` even where
-            nothing is written), so a run shorter than its slots of the layout is carried from its own last token.
+            nothing is written), so a run shorter than its positions in the layout is carried from its own last token.
         scale: (..., C) a factor of every step of the run up to token ``i`` seen from token ``i`` (the
             learning-rate budget's ``1 / n_i``, see ``rule_titans_hf.py``), or ``None``.
     """
     window = steps.dim() == log_retention.dim() + 1
-    if log_retention.shape[-1] == 1:  # one token (decoding): the same values with fewer operations
+    if log_retention.shape[-1] == 1 and not torch.is_grad_enabled():  # a decoding step: fewer operations
         return _one_token(steps, log_momentum, log_retention, scale, window)
     retention_decay = _decays(log_retention)  # beta_i / beta_l for l <= i, else 0
     beta = torch.exp(torch.cumsum(log_retention, dim=-1))
@@ -194,7 +194,8 @@ def _one_token(
     """:func:`linear_recurrence` of a run of one token: every decay is an empty product (1) and every cumulative sum
     the gate itself, so ``beta = r``, ``m = f = eta`` and the gain and writes are the (scaled) steps: the values the
     general form computes for one token, bit for bit (``x * 1`` and a 1 x 1 product with 1 are exact), in fewer
-    operations (a decoding step runs it once per memory layer)."""
+    operations (a decoding step runs it once per memory layer). Without gradients only: autograd through the two
+    graphs would sum a gradient's terms in another order."""
     beta = torch.exp(log_retention)
     gain = steps if window else steps.unsqueeze(-2)  # (..., 1, C_k)
     gain = gain if scale is None else gain * scale.unsqueeze(-1)
@@ -246,7 +247,10 @@ def check_memory_arguments(prefix: str = "", **arguments) -> None:
         "momentum": (lambda v: isinstance(v, bool), "True or False"),
         "forget": (lambda v: isinstance(v, bool), "True or False"),
         "max_lr": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-        "max_weight_rms": (lambda v: v is None or _is_number(v) and v > 0, "None (off) or a finite number > 0"),
+        "max_weight_rms": (
+            lambda v: v is None or _is_number(v) and v > 0,
+            "None (off), a finite number > 0, or 'auto' (the rule's default)",
+        ),
     }
     for name, value in arguments.items():
         check, allowed = checks[name]
@@ -299,11 +303,11 @@ class MemoryRule(nn.Module):
       :meth:`coefficients` rescales with ``lr_before`` (the chunk's learning-rate budget).
     - ``curvature``: each token's step is divided by its step curvature (computed by the driver at the chunk's
       start weights).
-    - ``gates``: rule-specific gates per token and head (:meth:`rule_gates`), e.g. a window's weights.
 
-    An instance has ``window`` (gradient tokens per step: the step of token ``t`` mixes the gradients of tokens
-    ``t - window + 1 .. t``, taken at the chunk's start weights; 1 for most rules) and the shared settings it was
-    built with (``max_lr``, ``momentum``, ``max_weight_rms``).
+    An instance has ``gates`` (rule-specific gates per token and head, :meth:`rule_gates`, e.g. a window's weights),
+    ``window`` (gradient tokens per step: the step of token ``t`` mixes the gradients of tokens ``t - window + 1 ..
+    t``, taken at the chunk's start weights; 1 for most rules; a rule with a window has no error parameters) and the
+    shared settings it was built with (``max_lr``, ``momentum``, ``max_weight_rms``).
     """
 
     name: ClassVar[str] = ""
@@ -338,7 +342,7 @@ class MemoryRule(nn.Module):
         """What the closed form's kernels need of this rule, as numbers (the schema of an opaque operation for
         ``torch.compile`` takes no objects): the shared settings and the rule's own, in order. Inverse:
         :meth:`from_spec`."""
-        cap = math.nan if self.max_weight_rms is None else self.max_weight_rms
+        cap = 0.0 if self.max_weight_rms is None else self.max_weight_rms  # (0: off; a cap is > 0)
         return [self.max_lr, float(self.momentum), cap] + [float(getattr(self, name)) for name in self.settings]
 
     @classmethod
@@ -347,9 +351,7 @@ class MemoryRule(nn.Module):
         """A rule built from :meth:`spec` (its own parameters, if any, are unused by the kernels), cached."""
         max_lr, momentum, cap, *values = spec
         own = {name: type(setting.default)(v) for (name, setting), v in zip(cls.settings.items(), values)}
-        return cls(
-            1, 1, 1, max_lr=max_lr, momentum=bool(momentum), max_weight_rms=None if math.isnan(cap) else cap, **own
-        )
+        return cls(1, 1, 1, max_lr=max_lr, momentum=bool(momentum), max_weight_rms=cap or None, **own)
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:
@@ -358,8 +360,9 @@ class MemoryRule(nn.Module):
             if name not in cls.settings:
                 known = ", ".join(cls.settings) or "none"
                 raise ValueError(f"{name} is not a setting of memory_rule={cls.name!r} (its settings: {known}).")
-            if not cls.settings[name].check(value):
-                raise ValueError(f"{name} must be {cls.settings[name].allowed}, got {value!r}.")
+            setting = cls.settings[name]
+            if not setting.check(value):
+                raise ValueError(f"{name} ({setting.doc}) must be {setting.allowed}, got {value!r}.")
 
     def extra_repr(self) -> str:
         own = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.settings)

@@ -830,7 +830,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         # (Sliced at each use: the backward then adds the three gradients of the segment in one fixed order.)
         segment = slots[:, part].shape[1]
         reads = start_weights = None
-        fresh = []  # the start weights as views of the memory state's slots (a segment start)
+        fresh = []  # the start weights as views of the memory state's matrices (a segment start)
         read_conv = None if segment_state is None else segment_state.read_conv
         if self.memory is not None:
             if memory_state is None:
@@ -850,7 +850,7 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         y, weights, key_values = attend(slots[:, part], reads=reads)
         if segment_state is not None:
             key_values = _merge_key_values(key_values, segment_state, lambda t, old: _where_batch(active, t, old))
-        # Copied where they are views of the memory state's slots, which the cache must not keep alive (`contiguous`
+        # Copied where they are views of the memory state's matrices, which the cache must not keep alive (`contiguous`
         # would not do: with one head and one row a slot is a contiguous view); cached or selected ones are owned.
         if start_weights is not None:
             start_weights = [w.clone() if any(w is f for f in fresh) else w for w in start_weights]

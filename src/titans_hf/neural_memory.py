@@ -578,7 +578,7 @@ class NeuralMemory(nn.Module):
         **rule_settings,
     ):
         super().__init__()
-        rule_type = rule_class(rule)
+        rule_type = rule_class(rule, field="rule")
         momentum = rule_type.defaults["momentum"] if momentum is None else momentum
         max_lr = rule_type.defaults["max_lr"] if max_lr is None else max_lr
         max_weight_rms = rule_type.defaults["max_weight_rms"] if max_weight_rms == "auto" else max_weight_rms
@@ -652,6 +652,11 @@ class NeuralMemory(nn.Module):
             max_weight_rms=max_weight_rms,
             **rule_settings,
         )
+        if self.rule.window > 1 and type(self.rule).error_params is not MemoryRule.error_params:
+            raise NotImplementedError(
+                f"memory_rule={rule!r}: a window of past gradient tokens with per-token error parameters (the state "
+                "keeps the window's keys and values, not its parameters)."
+            )
         self.reset_parameters()
 
     @property
@@ -1089,7 +1094,9 @@ class NeuralMemory(nn.Module):
 
             [W'; ...] = T [W; ...] + w u + (1 - T_00) anchor [1; 0; ...]
 
-        (the closed form acts on ``D = W - anchor``): one matmul over the state's :attr:`~NeuralMemoryState.matrices`
+        (the closed form acts on ``D = W - anchor``; every transition of :func:`~memory_rule.linear_recurrence`, and
+        of the rules' extensions, leaves ``D`` out of the other matrices' rows, so only ``W`` takes the anchor's
+        share): one matmul over the state's :attr:`~NeuralMemoryState.matrices`
         per memory layer, the (rank-one) write added to all of them in place. The read is ``M_W'(q)``; on a chunk
         boundary the chunk closes as in :meth:`_run_chunks`. Cached decoding is tested against the full (chunked)
         pass for every variant and rule.

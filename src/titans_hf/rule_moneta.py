@@ -14,8 +14,8 @@ accumulator takes the momentum's steps).
 instead use it at the end of each chunk"): every gradient of a chunk is taken at the weights of the chunk's start; the
 accumulator ``A`` is carried linearly across chunks; the normalisation ``W = A / ||A||_q^(q-2)`` is applied at chunk
 boundaries only, and inside a chunk the weights move linearly from there with the same steps as ``A``
-(``W_i = r W_{i-1} - theta_i grad_i``). So the state is ``[W; A]`` (``[W; S; A]`` with momentum), ``A`` starts at the
-learned ``W_0`` and ``W`` at its normalisation. With ``memory_chunk_size=1`` the normalisation applies after every
+(``W_i = r W_{i-1} - theta_i grad_i``). So the state is ``[W; Acc]`` (``[W; S; Acc]`` with momentum; ``Acc`` is
+``A``), ``A`` starts at the learned ``W_0`` and ``W`` at its normalisation. With ``memory_chunk_size=1`` the normalisation applies after every
 token, but a token reads the weights before it (``r W_{t-1} - theta grad``), one token behind eq. 24's
 ``W_t = A_t / ||A_t||``.
 
@@ -37,7 +37,7 @@ EPSILON = 1e-6
 
 class MonetaRule(MemoryRule):
     """Moneta (see the module docstring): the ``l_p`` error and the ``l_q`` normalisation at chunk boundaries, on
-    ``[W; A]`` (``[W; S; A]`` with momentum)."""
+    ``[W; Acc]`` (``[W; S; Acc]`` with momentum; ``Acc`` is the accumulator ``A``)."""
 
     name = "moneta"
     settings = {
@@ -68,7 +68,7 @@ class MonetaRule(MemoryRule):
         return super().num_matrices() + 1  # ..., and the accumulator A
 
     def matrix_names(self) -> tuple[str, ...]:
-        return ("W", "S", "A") if self.momentum else ("W", "A")
+        return ("W", "S", "Acc") if self.momentum else ("W", "Acc")
 
     def initial_state(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``A`` starts at ``W_0`` and ``W`` at its normalisation."""

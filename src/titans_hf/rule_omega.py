@@ -32,7 +32,7 @@ class OmegaRule(TitansRule):
     name = "omega"
     settings = {
         "omega_window": Setting(
-            4, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1", "c, tokens"
+            4, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1", "the tokens whose losses a step sums"
         )
     }
 
@@ -52,9 +52,9 @@ class OmegaRule(TitansRule):
         """``gamma_o^(t)`` for ``o = 1 .. c - 1``, (..., heads, c - 1)."""
         if self.window_proj is None:
             return None
-        gamma = torch.sigmoid(self.window_proj(x))
-        gamma = gamma.float() if gamma.dtype in (torch.float16, torch.bfloat16) else gamma
-        return gamma.view(*x.shape[:-1], self.num_heads, self.window - 1)
+        projected = self.window_proj(x)
+        projected = projected.float() if projected.dtype in (torch.float16, torch.bfloat16) else projected
+        return torch.sigmoid(projected).view(*x.shape[:-1], self.num_heads, self.window - 1)
 
     def reset_parameters(self, init=nn.init) -> None:
         if self.window_proj is not None:

@@ -22,10 +22,10 @@ RULES: tuple[type[MemoryRule], ...] = (
 MEMORY_RULES: dict[str, type[MemoryRule]] = {rule.name: rule for rule in RULES}
 
 
-def rule_class(name: str) -> type[MemoryRule]:
-    """The rule called ``name``; ``ValueError`` listing the known ones otherwise."""
+def rule_class(name: str, field: str = "memory_rule") -> type[MemoryRule]:
+    """The rule called ``name``; ``ValueError`` listing the known ones otherwise (naming ``field``)."""
     if name not in MEMORY_RULES:
-        raise ValueError(f"memory_rule must be one of {sorted(MEMORY_RULES)}, got {name!r}.")
+        raise ValueError(f"{field} must be one of {sorted(MEMORY_RULES)}, got {name!r}.")
     return MEMORY_RULES[name]
 
 

@@ -14,8 +14,9 @@ chunk is taken at the chunk's start weights (the paper's §5.4); the branch is c
 error there (the paper's "masking based on ||M(k_t) - v_t|| <= delta_t").
 
 Departure: the paper writes the l1 branch as ``eta_t delta_t grad l1`` next to ``eta_t grad l2``; here the l1 branch
-is the gradient of ``2 delta ||e||_1`` next to that of ``||e||^2`` (eq. 12's loss), so that the two meet at the switch
-for a one-dimensional error (Huber's loss); with a learned ``delta`` the two differ by a constant factor of one gate.
+is the gradient of ``2 delta ||e||_1`` next to that of ``||e||^2`` (eq. 12's loss): for a one-dimensional error the two
+gradients, ``2 e`` and ``2 delta sign(e)``, meet at the switch (Huber's loss). Against the paper's, the l1 branch's
+step is twice as large (a factor ``delta`` cannot absorb: it is also the threshold).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .memory_rule import MemoryRule, Setting
@@ -53,10 +53,11 @@ class YaadRule(MemoryRule):
         return 1
 
     def rule_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """``delta_t = softplus(x W_delta + b)``, (..., heads, 1)."""
+        """``delta_t = softplus(x W_delta + b)``, (..., heads, 1), as ``logaddexp(., 0)`` (torch 2.13's shape function
+        of softplus's backward breaks ``torch.compile``)."""
         projected = self.threshold_proj(x)
         projected = projected.float() if projected.dtype in (torch.float16, torch.bfloat16) else projected
-        return F.softplus(projected).unsqueeze(-1)
+        return torch.logaddexp(projected, torch.zeros_like(projected)).unsqueeze(-1)
 
     def reset_parameters(self, init=nn.init) -> None:
         initial = self.yaad_threshold * math.sqrt(self.head_dim)
